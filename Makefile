@@ -1,0 +1,25 @@
+# `make run` trains the default stages.yaml; `make test` runs the test suite.
+# Both create .venv and install the project into it on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) -m pipeline run stages.yaml
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/step_overhead.py
+
+clean:
+	rm -rf $(VENV) runs

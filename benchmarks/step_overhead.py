@@ -1,0 +1,151 @@
+"""Overhead of the pipeline's training loop against a minimal hand-written PyTorch loop.
+
+Both train the same model from the same weights on the same batches held in memory, per stage
+size of a stages file, alternating runs; prints images/s of each and their ratio.
+
+    python benchmarks/step_overhead.py [stages.yaml] [--batches 12] [--repeats 3] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data.folder import ImageFolderIndex  # noqa: E402
+from pipeline.model import build_model  # noqa: E402
+from pipeline.train.runner import StageRunner, resolve_device, train_batch_size  # noqa: E402
+from pipeline.train.schedule import build_optimizer, build_scheduler  # noqa: E402
+from pipeline.train.step import TrainStep, build_mixup, resolve_precision  # noqa: E402
+
+
+class InMemoryLoader:
+    """Stands in for a TV2Loader: the same batches every pass, already on the device."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.batch_size = batches[0][0].shape[0]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def minimal_loop(model, optimizer, batches, precision, device) -> None:
+    for x, y in batches:
+        with precision.autocast(device):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("file", nargs="?", default="stages.yaml")
+    parser.add_argument("--batches", type=int, default=12, help="batches per timed pass")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed passes of each loop")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    cfg = load_config(args.file)
+    device = resolve_device(cfg.run.device)
+    num_classes = 10
+    rows = []
+    out = Path(tempfile.mkdtemp(prefix="bench-"))
+    (out / "checkpoints").mkdir()
+    datasets = type("D", (), {"classes": [str(i) for i in range(num_classes)]})()
+    runner = StageRunner(cfg, out, device, datasets, None, num_classes)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    for k, stage in enumerate(cfg.stages):
+        tc = stage.train
+        bs = train_batch_size(stage)
+        g = torch.Generator().manual_seed(k)
+        batches = []
+        for _ in range(args.batches):
+            x = torch.randn(bs, 3, stage.img_size, stage.img_size, generator=g).to(device)
+            x = x.contiguous(memory_format=torch.channels_last) if tc.channels_last else x
+            batches.append((x, torch.randint(0, num_classes, (bs,), generator=g).to(device)))
+        torch.manual_seed(0)
+        base = build_model(cfg.model, num_classes).to(device)
+        if tc.channels_last:
+            base.to(memory_format=torch.channels_last)
+        precision = resolve_precision(tc.amp, device)
+
+        def run_pipeline() -> float:
+            model = copy.deepcopy(base)
+            runner.model = model
+            runner._compiled = None
+            net = runner.network(stage)
+            optimizer = build_optimizer(model, tc.optimizer)
+            scheduler = build_scheduler(optimizer, tc.schedule, total_steps=args.batches + 2)
+            mixup = build_mixup(tc.mixup, tc.label_smoothing, num_classes)
+            step = TrainStep(net, optimizer, scheduler, precision, device, mixup, tc.label_smoothing)
+            for x, y in batches[:2]:  # warm-up (and compilation, when on)
+                step(x, y)
+            sync(device)
+            start = time.perf_counter()
+            runner.train_epoch(k, 0, stage, step, InMemoryLoader(batches), optimizer)
+            sync(device)
+            return time.perf_counter() - start
+
+        def run_minimal() -> float:
+            model = copy.deepcopy(base)
+            net = torch.compile(model) if runner.network(stage) is not runner.model else model
+            optimizer = torch.optim.SGD(
+                model.parameters(), lr=tc.optimizer.lr / 25, momentum=tc.optimizer.momentum,
+                weight_decay=tc.optimizer.weight_decay, nesterov=tc.optimizer.nesterov,
+            )
+            minimal_loop(net, optimizer, batches[:2], precision, device)
+            sync(device)
+            start = time.perf_counter()
+            minimal_loop(net, optimizer, batches, precision, device)
+            sync(device)
+            return time.perf_counter() - start
+
+        images = bs * args.batches
+        pipe, mini = [], []
+        for _ in range(args.repeats):
+            pipe.append(images / run_pipeline())
+            mini.append(images / run_minimal())
+        ratios = [p / m for p, m in zip(pipe, mini)]
+        row = {
+            "img_size": stage.img_size,
+            "batch_size": bs,
+            "pipeline_images_per_s": round(statistics.median(pipe), 1),
+            "minimal_images_per_s": round(statistics.median(mini), 1),
+            "ratio": round(statistics.median(ratios), 4),
+            "overhead_percent": round(100 * (1 - statistics.median(ratios)), 2),
+        }
+        rows.append(row)
+        print(
+            f"{stage.img_size:>4}px batch {bs:>4}: pipeline {row['pipeline_images_per_s']:>8.1f} img/s, "
+            f"minimal {row['minimal_images_per_s']:>8.1f} img/s, ratio {row['ratio']:.3f} "
+            f"(overhead {row['overhead_percent']:+.1f}%; ratios {', '.join(f'{r:.3f}' for r in ratios)})"
+        )
+    runner.metrics.close()
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""stages.yaml -> typed, validated dataclasses.
+
+Every error is a ConfigError whose message starts with the field path (`stages.1.batch_size`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+# A field's `check` returns an error text for a bad value, or None.
+Check = typing.Callable[[Any], Optional[str]]
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else f"must be > 0, got {v!r}"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else f"must be >= 0, got {v!r}"
+
+
+def unit_open(v: Any) -> str | None:
+    return None if 0 < v < 1 else f"must be between 0 and 1 (exclusive), got {v!r}"
+
+
+def unit_closed(v: Any) -> str | None:
+    return None if 0 <= v <= 1 else f"must be between 0 and 1, got {v!r}"
+
+
+def at_least_one(v: Any) -> str | None:
+    return None if v >= 1 else f"must be >= 1, got {v!r}"
+
+
+def workers_check(v: Any) -> str | None:
+    return None if v == "auto" or v >= 0 else f"must be 'auto' or >= 0, got {v!r}"
+
+
+def classes_check(v: Any) -> str | None:
+    return None if v == "auto" or v >= 2 else f"must be 'auto' or >= 2, got {v!r}"
+
+
+def scale_check(v: Any) -> str | None:
+    lo, hi = v
+    return None if 0 < lo <= hi <= 1 else f"must be [low, high] with 0 < low <= high <= 1, got {list(v)}"
+
+
+def ratio_check(v: Any) -> str | None:
+    lo, hi = v
+    return None if 0 < lo <= hi else f"must be [low, high] with 0 < low <= high, got {list(v)}"
+
+
+def checked(default: Any, check: Check) -> Any:
+    """A dataclass field with a default and a value check."""
+    return field(default=default, metadata={"check": check})
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    out_dir: str = "runs"
+    seed: int = checked(0, non_negative)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = checked(20, at_least_one)  # steps between metric flushes (each one syncs the GPU)
+
+
+@dataclass
+class DataConfig:
+    train: str = "demo"
+    val: str = "demo"
+    backend: Literal["tv2"] = "tv2"
+    workers: Union[int, Literal["auto"]] = checked("auto", workers_check)
+    decode_on: Literal["auto", "workers", "device"] = "auto"  # auto: device (nvJPEG) on CUDA
+    scale: tuple[float, float] = checked((0.35, 1.0), scale_check)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = checked((3 / 4, 4 / 3), ratio_check)
+    hflip: float = checked(0.5, unit_closed)
+    crop_pct: float = checked(0.875, lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v!r}")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"
+    pretrained: Optional[str] = None  # a local weights file; nothing is downloaded
+    num_classes: Union[int, Literal["auto"]] = checked("auto", classes_check)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # any timm create_optimizer_v2 name
+    lr: float = checked(0.4, positive)
+    momentum: float = checked(0.9, unit_closed)
+    weight_decay: float = checked(5.0e-5, non_negative)
+    nesterov: bool = True
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["onecycle"] = "onecycle"
+    pct_start: float = checked(0.25, unit_open)
+    div_factor: float = checked(25.0, positive)
+    final_div_factor: float = checked(1.0e4, positive)
+    base_momentum: float = checked(0.85, unit_closed)
+    max_momentum: float = checked(0.95, unit_closed)
+
+
+@dataclass
+class MixupConfig:
+    mixup_alpha: float = checked(0.2, non_negative)
+    cutmix_alpha: float = checked(1.0, non_negative)
+    prob: float = checked(1.0, unit_closed)
+    switch_prob: float = checked(0.5, unit_closed)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    channels_last: bool = True
+    label_smoothing: float = checked(0.1, lambda v: None if 0 <= v < 1 else f"must be in [0, 1), got {v!r}")
+    mixup: Optional[MixupConfig] = field(default_factory=MixupConfig)  # None: off
+
+
+@dataclass
+class StageSpec:
+    img_size: int
+    batch_size: int
+    epochs: int
+    train: TrainConfig  # the global `train` section with this stage's overrides applied
+
+
+@dataclass
+class Config:
+    run: RunConfig
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    stages: list[StageSpec]
+    raw: dict = field(repr=False)  # the resolved YAML, as written to the run folder
+
+
+STAGE_SIZE_KEYS = ("img_size", "batch_size", "epochs")
+# Stage shortcuts for deeper training keys, so a stage can say `lr: 0.1`.
+STAGE_SHORTCUTS = {"lr": ("optimizer", "lr")}
+SECTIONS = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a stages file, apply `--set KEY=VALUE` overrides, validate, resolve."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return parse_config(raw, base_dir=path.parent)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `KEY=VALUE` (`train.optimizer.lr=0.1`, `stages.1.epochs=5`) in place."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. train.optimizer.lr=0.1")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {where}: no such list index (there are {len(node)} items)")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) in (None, False):  # a missing section, or `mixup: off` being turned on
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
+
+
+def parse_config(raw: dict, base_dir: Path = Path(".")) -> Config:
+    """Validate a raw YAML mapping into a Config."""
+    raw = copy.deepcopy(raw)
+    unknown = set(raw) - set(SECTIONS) - {"stages"}
+    for key in sorted(unknown):
+        raise ConfigError(f"{key}: unknown section{_suggest(key, list(SECTIONS) + ['stages'])}")
+    sections = {name: parse_dataclass(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
+    train_raw = raw.get("train") or {}
+    if not isinstance(train_raw, dict):
+        raise ConfigError(f"train: must be a mapping, got {_type_name(train_raw)}")
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ConfigError("stages: must be a non-empty list of {img_size, batch_size, epochs} entries")
+    stages = [_parse_stage(s, train_raw, f"stages.{i}") for i, s in enumerate(stages_raw)]
+
+    data: DataConfig = sections["data"]
+    for name in ("train", "val"):
+        value = getattr(data, name)
+        if value != "demo":
+            p = Path(value).expanduser()
+            if not p.is_absolute():
+                p = (base_dir / p) if (base_dir / p).exists() else p
+            if not p.is_dir():
+                raise ConfigError(f"data.{name}: folder {value!r} does not exist (an ImageFolder path, or `demo`)")
+            setattr(data, name, str(p))
+    model: ModelConfig = sections["model"]
+    if model.pretrained is not None and not Path(model.pretrained).expanduser().is_file():
+        raise ConfigError(f"model.pretrained: file {model.pretrained!r} does not exist")
+    _check_arch(model.arch)
+
+    resolved = {name: dataclasses.asdict(sections[name]) for name in SECTIONS}
+    resolved["stages"] = copy.deepcopy(stages_raw)
+    return Config(stages=stages, raw=resolved, **sections)
+
+
+def _parse_stage(stage: Any, train_raw: dict, path: str) -> StageSpec:
+    if not isinstance(stage, dict):
+        raise ConfigError(f"{path}: must be a mapping like {{img_size: 64, batch_size: 128, epochs: 2}}")
+    values = {}
+    for key in STAGE_SIZE_KEYS:
+        if key not in stage:
+            raise ConfigError(f"{path}.{key}: missing (every stage sets img_size, batch_size and epochs)")
+        values[key] = _coerce(stage[key], int, f"{path}.{key}")
+        if values[key] <= 0:
+            raise ConfigError(f"{path}.{key}: must be a positive integer, got {values[key]}")
+    overrides = {k: v for k, v in stage.items() if k not in STAGE_SIZE_KEYS}
+    merged = copy.deepcopy(train_raw)
+    train_keys = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key, value in overrides.items():
+        if key in STAGE_SHORTCUTS:
+            section, sub = STAGE_SHORTCUTS[key]
+            merged.setdefault(section, {})
+            if not isinstance(merged[section], dict):
+                merged[section] = {}
+            merged[section][sub] = value
+        elif key in train_keys:
+            old = merged.get(key)
+            merged[key] = _deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+        else:
+            allowed = list(STAGE_SIZE_KEYS) + train_keys + list(STAGE_SHORTCUTS)
+            raise ConfigError(f"{path}.{key}: unknown stage key{_suggest(key, allowed)}")
+    # Inherited keys were validated as `train.*`; an error here comes from this stage's overrides.
+    train = parse_dataclass(TrainConfig, merged, path)
+    return StageSpec(train=train, **values)
+
+
+def parse_dataclass(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys, types and values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping, got {_type_name(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{path}.{key}: unknown key{_suggest(str(key), list(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        value = _coerce(data[name], hints[name], f"{path}.{name}")
+        check = f.metadata.get("check")
+        if check is not None and value is not None and (problem := check(value)):
+            raise ConfigError(f"{path}.{name}: {problem}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Convert a YAML value to type `tp` or raise a ConfigError naming `path`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if type(None) in options and (value is None or value is False or value == "off"):
+            return None  # `off`/`false`/`null` switch an optional section off
+        options = [o for o in options if o is not type(None)]
+        if len(options) == 1:
+            return _coerce(value, options[0], path)
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, path)
+            except ConfigError as e:
+                errors.append(str(e).split(": ", 1)[1])
+        raise ConfigError(f"{path}: " + " or ".join(dict.fromkeys(errors)))
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("on" in choices or "off" in choices):
+            value = "on" if value else "off"  # YAML 1.1 reads bare on/off as booleans
+        if value not in choices:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is True:
+            value = {}
+        return parse_dataclass(tp, value, path)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: must be a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, f"{path}.{i}") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}: must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads `1e-4` (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: must be a non-empty string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def _check_arch(arch: str) -> None:
+    import timm
+
+    if not timm.is_model(arch):
+        raise ConfigError(f"model.arch: unknown timm architecture {arch!r}{_suggest(arch, timm.list_models())}")
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (expected one of: {', '.join(options[:12])})"
+
+
+def _type_name(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__

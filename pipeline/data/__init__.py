@@ -1,0 +1,89 @@
+"""Data: dataset scan, the loader factories behind one contract, and the `demo` dataset.
+
+The runner calls `build_train_loader` / `build_val_loader` and never branches on the backend.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.config import DataConfig
+from pipeline.data.demo import demo_root
+from pipeline.data.folder import ImageFolderIndex, scan_image_folder
+from pipeline.data.tv2 import LoaderSpec, TV2Loader
+from pipeline.errors import DataError
+
+__all__ = ["Datasets", "LoaderSpec", "TV2Loader", "build_loader", "scan_datasets"]
+
+
+class Datasets:
+    """The scanned train and val splits, with one class list."""
+
+    def __init__(self, train: ImageFolderIndex, val: ImageFolderIndex):
+        if train.classes != val.classes:
+            only_train = sorted(set(train.classes) - set(val.classes))
+            only_val = sorted(set(val.classes) - set(train.classes))
+            raise DataError(
+                f"data.val: class folders differ from data.train (only in train: {only_train or '-'}; "
+                f"only in val: {only_val or '-'})"
+            )
+        self.train, self.val, self.classes = train, val, train.classes
+
+
+def scan_datasets(cfg: DataConfig) -> Datasets:
+    """Resolve `demo` (generating it on first use) and scan both splits."""
+
+    def folder(value: str, split: str) -> Path:
+        return demo_root() / split if value == "demo" else Path(value)
+
+    return Datasets(
+        scan_image_folder(folder(cfg.train, "train"), "data.train"),
+        scan_image_folder(folder(cfg.val, "val"), "data.val"),
+    )
+
+
+def resolve_workers(workers: int | str) -> int:
+    """`auto`: all cores but one for decoding (at most 8); the main process feeds the device."""
+    if workers == "auto":
+        return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return int(workers)
+
+
+def build_loader(
+    cfg: DataConfig,
+    index: ImageFolderIndex,
+    *,
+    train: bool,
+    img_size: int,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    channels_last: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> TV2Loader:
+    """A loader for one split and one stage. Training: shuffled per epoch, per-sample crops, last
+    partial batch dropped; validation: every sample once, in order, resize + centre crop."""
+    decode_on = cfg.decode_on
+    if decode_on == "auto":
+        decode_on = "device" if device.type == "cuda" else "workers"
+    spec = LoaderSpec(
+        img_size=img_size,
+        batch_size=batch_size,
+        train=train,
+        device=device,
+        seed=seed,
+        workers=resolve_workers(cfg.workers),
+        decode_on=decode_on,
+        channels_last=channels_last,
+        scale=cfg.scale,
+        ratio=cfg.ratio,
+        hflip=cfg.hflip,
+        crop_pct=cfg.crop_pct,
+        rank=rank,
+        world_size=world_size,
+    )
+    return TV2Loader(index, spec)

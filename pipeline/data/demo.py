@@ -1,0 +1,89 @@
+"""The built-in `demo` dataset: a generated JPEG ImageFolder, cached on first use.
+
+A class is a coarse shape (5 kinds) times the orientation of a fine stripe texture (2 kinds), so a
+low-resolution model sees the shape but only a higher resolution resolves the texture.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring")
+TEXTURES = ("hstripes", "vstripes")
+CLASSES = [f"{s}_{t}" for s in SHAPES for t in TEXTURES]
+DEMO_VERSION = 2
+STRIPE_PERIOD = 4  # pixels at the native size: averaged away below about half resolution
+
+
+def demo_cache_dir() -> Path:
+    """Where `demo` lives: $PIPELINE_CACHE, else ~/.cache/pipeline."""
+    return Path(os.environ.get("PIPELINE_CACHE", Path.home() / ".cache" / "pipeline")).expanduser()
+
+
+def demo_root(n_train: int = 5000, n_val: int = 1000, size: int = 96) -> Path:
+    """The cached demo dataset folder (with `train/` and `val/`), generated if missing."""
+    root = demo_cache_dir() / f"demo-v{DEMO_VERSION}-{n_train}-{n_val}-{size}"
+    if not (root / "train").is_dir():
+        make_demo_dataset(root, n_train=n_train, n_val=n_val, size=size)
+    return root
+
+
+def make_demo_dataset(root: Path, n_train: int, n_val: int, size: int = 96, seed: int = 0) -> Path:
+    """Write `root/train` and `root/val` as JPEG ImageFolders; atomic (built aside, then renamed)."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    try:
+        rng = np.random.default_rng(seed)
+        for split, n in (("train", n_train), ("val", n_val)):
+            for c in CLASSES:
+                (tmp / split / c).mkdir(parents=True)
+            for i in range(n):
+                label = i % len(CLASSES)
+                img = draw_sample(label, size, rng)
+                Image.fromarray(img).save(tmp / split / CLASSES[label] / f"{i:05d}.jpg", quality=92)
+        if root.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def draw_sample(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One HxWx3 uint8 image of class `label`."""
+    shape, texture = divmod(label, len(TEXTURES))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    img = np.broadcast_to(rng.uniform(0, 255, 3), (size, size, 3))  # background colour, unrelated to the class
+    # Foreground: a shape of random size and place, filled with dark and light stripes.
+    r = rng.uniform(0.28, 0.4) * size
+    cx, cy = rng.uniform(r + 2, size - r - 2, 2)
+    mask = _shape_mask(SHAPES[shape], (xx - cx) / r, (yy - cy) / r)
+    coord = yy if TEXTURES[texture] == "hstripes" else xx
+    stripes = ((coord + rng.uniform(0, STRIPE_PERIOD)) % STRIPE_PERIOD) < STRIPE_PERIOD / 2
+    fill = np.where(stripes[..., None], rng.uniform(0, 60, 3), rng.uniform(195, 255, 3))
+    img = np.where(mask[..., None], fill, img) + rng.normal(0, 4, (size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    if shape == "circle":
+        return dx**2 + dy**2 <= 1
+    if shape == "square":
+        return (np.abs(dx) <= 0.85) & (np.abs(dy) <= 0.85)
+    if shape == "triangle":
+        return (dy <= 0.8) & (dy >= 1.6 * np.abs(dx) - 0.9)
+    if shape == "cross":
+        return ((np.abs(dx) <= 0.3) & (np.abs(dy) <= 1)) | ((np.abs(dy) <= 0.3) & (np.abs(dx) <= 1))
+    if shape == "ring":
+        d = dx**2 + dy**2
+        return (d <= 1) & (d >= 0.45)
+    raise ValueError(shape)

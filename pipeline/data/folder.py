@@ -1,0 +1,80 @@
+"""The dataset scan (ImageFolder layout: one sub-folder per class) and image decoding to RGB.
+
+Both report problems as DataError naming the folder or file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import to_dtype
+
+from pipeline.errors import DataError
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they remain the decoders here.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
+
+
+@dataclass(frozen=True)
+class ImageFolderIndex:
+    """The files of one split: class names (sorted, as ImageFolder) and (path, label) pairs."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def scan_image_folder(root: str | Path, field: str) -> ImageFolderIndex:
+    """List the images of an ImageFolder; `field` (e.g. `data.train`) is named in errors."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{field}: folder {str(root)!r} does not exist")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{field}: {root} has no class sub-folders (expected {root}/<class>/<image>)")
+    samples: list[tuple[str, int]] = []
+    empty, zero_bytes = [], []
+    for label, name in enumerate(classes):
+        files = sorted(
+            str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+        )
+        if not files:
+            empty.append(name)
+        for f in files:
+            if os.path.getsize(f) == 0:
+                zero_bytes.append(f)
+            else:
+                samples.append((f, label))
+    if empty:
+        raise DataError(f"{field}: class folder(s) with no images in {root}: {', '.join(empty)}")
+    if zero_bytes:
+        more = f" and {len(zero_bytes) - 3} more" if len(zero_bytes) > 3 else ""
+        raise DataError(f"{field}: zero-byte image file(s): {', '.join(zero_bytes[:3])}{more}")
+    return ImageFolderIndex(root=root, classes=classes, samples=samples)
+
+
+def read_image(path: str) -> torch.Tensor:
+    """Decode a file to a 3xHxW uint8 RGB tensor (grayscale, CMYK, RGBA and palette included)."""
+    try:
+        img = decode_image(path, mode=ImageReadMode.RGB)
+        # 16-bit PNGs decode to uint16: scale down to the uint8 the loaders expect
+        return img if img.dtype == torch.uint8 else to_dtype(img, torch.uint8, scale=True)
+    except Exception:  # formats torchvision cannot decode (e.g. some TIFF/WebP variants): try PIL
+        pass
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+    except Exception as e:
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None

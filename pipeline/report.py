@@ -1,0 +1,69 @@
+"""What a run tells the user: metrics.jsonl, progress bars, the summary table and summary.json.
+
+Metrics are appended line by line; summaries are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.files import write_text
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object a line (`kind`: step | epoch), appended and flushed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @staticmethod
+    def keep_before(path: Path, stage: int, epoch: int) -> None:
+        """On resume: drop records of epochs at or after (stage, epoch), which will be run again."""
+        if not path.is_file():
+            return
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and _before(json.loads(line), stage, epoch)
+        ]
+        write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _before(record: dict[str, Any], stage: int, epoch: int) -> bool:
+    return (record["stage"], record["epoch"]) < (stage, epoch)
+
+
+def epoch_bar(total: int, desc: str, enabled: bool = True) -> tqdm:
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run table: one row per stage, then the totals."""
+    header = f"{'stage':>5} {'size':>5} {'batch':>6} {'epochs':>6} {'seconds':>8} {'img/s':>8} {'val top-1':>9}"
+    rows = [header, "-" * len(header)]
+    for i, s in enumerate(summary["stages"]):
+        rows.append(
+            f"{i:>5} {s['img_size']:>5} {s['batch_size']:>6} {s['epochs']:>6} {s['seconds']:>8.1f} "
+            f"{s['train_images_per_s']:>8.0f} {s['val_top1']:>8.2f}%"
+        )
+    rows.append("-" * len(header))
+    rows.append(
+        f"total {summary['seconds']:.1f} s; final val top-1 {summary['final_val_top1']:.2f}%, "
+        f"best {summary['best_val_top1']:.2f}%"
+    )
+    return "\n".join(rows)

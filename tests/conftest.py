@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny generated ImageFolder and tiny stages files (fast on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.data.demo import make_demo_dataset
+
+torch.set_num_threads(2)
+
+TINY_CONFIG = {
+    "run": {"name": "t", "seed": 0, "device": "cpu", "log_every": 3},
+    "data": {"workers": 0},
+    "model": {"arch": "test_resnet"},
+    "train": {
+        "optimizer": {"name": "sgd", "lr": 0.05},
+        "amp": "off",
+        "compile": "off",
+        "mixup": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0},
+    },
+    "stages": [
+        {"img_size": 16, "batch_size": 8, "epochs": 2},
+        {"img_size": 24, "batch_size": 6, "epochs": 1, "mixup": "off"},
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """10 classes, 40 train / 20 val JPEGs of 32x32."""
+    return make_demo_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train=40, n_val=20, size=32)
+
+
+@pytest.fixture
+def tiny_config(tiny_data) -> dict:
+    cfg = copy.deepcopy(TINY_CONFIG)
+    cfg["data"].update(train=str(tiny_data / "train"), val=str(tiny_data / "val"))
+    return cfg
+
+
+@pytest.fixture
+def write_yaml(tmp_path):
+    def write(cfg: dict, name: str = "stages.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    return write

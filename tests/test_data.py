@@ -1,0 +1,175 @@
+"""The tv2 loader contract: shapes, dtype, layout, values, lengths, per-sample randomness, odd files."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import DataConfig
+from pipeline.data import build_loader, scan_datasets
+from pipeline.data.folder import read_image, scan_image_folder
+from pipeline.data.tv2 import IMAGENET_MEAN, IMAGENET_STD, EpochSampler, LoaderSpec
+from pipeline.errors import DataError
+
+CPU = torch.device("cpu")
+
+
+def loader(index, train=True, size=16, batch=8, **data):
+    cfg = DataConfig(**{"workers": 0, **data})
+    return build_loader(cfg, index, train=train, img_size=size, batch_size=batch, device=CPU, seed=0)
+
+
+@pytest.fixture(scope="module")
+def splits(tiny_data):
+    return scan_datasets(DataConfig(train=str(tiny_data / "train"), val=str(tiny_data / "val")))
+
+
+@pytest.mark.parametrize("decode_on", ["workers", "device"])
+def test_batches_follow_the_contract(splits, decode_on):
+    ld = loader(splits.train, decode_on=decode_on)
+    x, y = next(iter(ld))
+    assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert y.dtype == torch.int64 and y.shape == (8,)
+    # normalised with ImageNet statistics: uint8 0..255 maps into this range
+    lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    assert lo - 1e-5 <= x.min() and x.max() <= hi + 1e-5 and x.std() > 0.3
+    ld.close()
+
+
+def test_lengths_drop_last_only_for_training(splits):
+    train, val = loader(splits.train, batch=6), loader(splits.val, train=False, batch=6)
+    assert len(train) == 40 // 6 and train.num_samples == 36
+    assert sum(y.numel() for _, y in train) == 36
+    assert len(val) == 4 and val.num_samples == 20
+    assert sum(y.numel() for _, y in val) == 20  # every validation sample exactly once
+
+
+def test_labels_match_class_folders(splits):
+    ld = loader(splits.val, train=False, batch=20)
+    _, y = next(iter(ld))
+    expected = [label for _, label in splits.val.samples]
+    assert y.tolist() == expected
+    assert splits.val.classes[expected[0]] == splits.val.samples[0][0].split("/")[-2]
+
+
+def test_crops_are_drawn_per_sample_not_per_batch(tmp_path):
+    # one image repeated: any difference inside a batch comes from per-sample augmentation
+    src = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(8):
+            Image.fromarray(src).save(tmp_path / c / f"{i}.png")
+    index = scan_image_folder(tmp_path, "data.train")
+    for decode_on in ("workers", "device"):
+        x, _ = next(iter(loader(index, batch=16, decode_on=decode_on)))
+        distinct = {tuple(v.flatten()[:64].tolist()) for v in x}
+        assert len(distinct) >= 12, decode_on
+
+
+def test_augmentation_is_seeded_and_independent_of_workers(splits):
+    a = [x for x, _ in loader(splits.train, workers=0)]
+    b = [x for x, _ in loader(splits.train, workers=2)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    ld = loader(splits.train)
+    ld.set_epoch(1)
+    c = [x for x, _ in ld]
+    assert not torch.equal(a[0], c[0])  # a new epoch draws a new order and new crops
+    ld.close()
+
+
+def test_workers_mode_and_device_mode_agree(splits):
+    # the same crop boxes are drawn from the same seeds; decoding differs only by the decoder
+    a = next(iter(loader(splits.val, train=False, decode_on="workers")))[0]
+    b = next(iter(loader(splits.val, train=False, decode_on="device")))[0]
+    assert (a - b).abs().mean() < 0.05
+
+
+def test_sampler_shards_cover_the_dataset_once():
+    for train in (True, False):
+        shards = [
+            list(EpochSampler(21, LoaderSpec(img_size=8, batch_size=2, train=train, device=CPU, seed=3, rank=r, world_size=2)))
+            for r in range(2)
+        ]
+        idx = [i for s in shards for i, _ in s]
+        assert len(idx) == len(set(idx))
+        assert len(idx) == (20 if train else 21)  # training keeps equal shares per rank
+        assert len(shards[0]) == len(shards[1]) or not train
+
+
+def test_close_stops_workers(splits):
+    ld = loader(splits.train, workers=1)
+    next(iter(ld))
+    workers = ld._loader._iterator._workers
+    assert all(w.is_alive() for w in workers)
+    ld.close()
+    assert not any(w.is_alive() for w in workers)
+    with pytest.raises(RuntimeError, match="after close"):
+        next(iter(ld))
+
+
+def _odd_images(folder):
+    rgb = (np.random.default_rng(1).random((30, 40, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).convert("L").save(folder / "gray.jpg")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(folder / "sixteen.png")
+
+
+def test_odd_image_modes_become_rgb(tmp_path):
+    _odd_images(tmp_path)
+    for f in sorted(tmp_path.iterdir()):
+        img = read_image(str(f))
+        assert img.shape == (3, 30, 40) and img.dtype == torch.uint8, f.name
+
+
+@pytest.mark.parametrize("decode_on", ["workers", "device"])
+def test_unreadable_file_is_named(tmp_path, decode_on):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        _odd_images(tmp_path / c)
+    (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    index = scan_image_folder(tmp_path, "data.train")
+    with pytest.raises(DataError, match=r"b/broken\.jpg: cannot decode image"):
+        for _ in loader(index, train=False, batch=4, decode_on=decode_on):
+            pass
+
+
+def test_scan_errors_name_the_problem(tmp_path, tiny_data):
+    with pytest.raises(DataError, match="data.train: folder .* does not exist"):
+        scan_image_folder(tmp_path / "nope", "data.train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no class sub-folders"):
+        scan_image_folder(tmp_path / "empty", "data.train")
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_data / "val", root)
+    (root / "circle_hstripes" / "zero.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"zero-byte image file\(s\): .*zero\.jpg"):
+        scan_image_folder(root, "data.val")
+    (root / "circle_hstripes" / "zero.jpg").unlink()
+    (root / "new_class").mkdir()
+    with pytest.raises(DataError, match="class folder\\(s\\) with no images .*: new_class"):
+        scan_image_folder(root, "data.val")
+
+
+def test_demo_dataset_is_an_image_folder_and_tool_writes_it(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "demo"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "make_demo_data.py"
+    proc = subprocess.run([sys.executable, str(tool), str(out), "--train", "20", "--val", "10", "--size", "48"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    index = scan_image_folder(out / "train", "data.train")
+    assert len(index) == 20 and len(index.classes) == 10
+    assert read_image(index.samples[0][0]).shape == (3, 48, 48)
+    again = subprocess.run([sys.executable, str(tool), str(out)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already exists" in again.stderr

@@ -1,0 +1,203 @@
+"""The stage runner end to end on tiny data: outputs, schedules, carried weights, resume, AMP, compile."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch._dynamo.testing import CompileCounter
+
+import pipeline.train.runner as runner_mod
+import pipeline.train.step as step_mod
+from pipeline.cli import main
+from pipeline.config import parse_config
+from pipeline.train import run_training
+from pipeline.train.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def train(cfg: dict, tmp_path: Path, resume: Path | None = None) -> Path:
+    return run_training(parse_config(cfg), out_dir=tmp_path / "runs", resume=resume)
+
+
+def test_run_writes_the_run_folder(tiny_config, tmp_path):
+    run_dir = train(tiny_config, tmp_path)
+    assert run_dir.parent == tmp_path / "runs" and run_dir.name.startswith("t-")
+    ckpts = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert {"last.pt", "best.pt", "stage0.pt", "stage1.pt"} <= ckpts
+    assert not [p for p in ckpts if p.endswith(".tmp")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [(s["img_size"], s["batch_size"], s["epochs"]) for s in summary["stages"]] == [(16, 8, 2), (24, 6, 1)]
+    for s in summary["stages"]:
+        assert s["seconds"] > 0 and s["train_images_per_s"] > 0 and 0 <= s["val_top1"] <= 100
+    assert summary["final_val_top1"] == summary["stages"][-1]["val_top1"]
+    assert summary["best_val_top1"] == max(r["val_top1"] for r in records(run_dir, "epoch"))
+    epochs = records(run_dir, "epoch")
+    assert [(r["stage"], r["epoch"]) for r in epochs] == [(0, 0), (0, 1), (1, 0)]
+    assert all(r["val_samples"] == 20 for r in epochs)  # every validation image counted once
+    step = records(run_dir, "step")[0]
+    assert {"lr", "momentum", "loss", "images_per_s"} <= set(step)
+    config = (run_dir / "config.yaml").read_text()
+    assert "test_resnet" in config and "img_size: 24" in config
+
+
+def test_checkpoint_loads_with_plain_timm(tiny_config, tmp_path):
+    run_dir = train(tiny_config, tmp_path)
+    path = run_dir / "checkpoints" / "last.pt"
+    model = timm.create_model("test_resnet", num_classes=10, checkpoint_path=str(path))
+    saved = load_checkpoint(path)
+    assert saved["progress"]["stage"] == 1 and saved["progress"]["epoch"] == 1
+    assert {"optimizer", "scheduler", "scaler", "rng", "state_dict"} <= set(saved)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved["state_dict"][k]), k
+
+
+def test_scheduler_runs_exactly_its_steps_for_any_batch_size(tiny_config, tmp_path):
+    cfg = copy.deepcopy(tiny_config)
+    # 40 images: 7 with Mixup becomes 6 (even) -> 6 steps; 9 without Mixup -> 4 steps (last batch dropped)
+    cfg["stages"] = [
+        {"img_size": 16, "batch_size": 7, "epochs": 2},
+        {"img_size": 16, "batch_size": 9, "epochs": 3, "mixup": "off"},
+    ]
+    run_dir = train(cfg, tmp_path)
+    steps = records(run_dir, "step")
+    for stage, per_epoch, epochs in ((0, 6, 2), (1, 4, 3)):
+        lrs = [r["lr"] for r in steps if r["stage"] == stage]
+        assert len(lrs) == per_epoch * epochs
+        peak = 0.05
+        assert lrs[0] == pytest.approx(peak / 25)  # OneCycle starts at max_lr / div_factor
+        assert max(lrs) == pytest.approx(peak, rel=0.05)
+        # the last step's lr sits at the end of the cycle, not part-way
+        assert lrs[-1] < peak / 25
+    moms = [r["momentum"] for r in steps if r["stage"] == 0]
+    assert moms[0] == pytest.approx(0.95) and min(moms) == pytest.approx(0.85, abs=0.01)
+
+
+def test_weights_are_carried_across_stages(tiny_config, tmp_path, monkeypatch):
+    starts = []
+    real = runner_mod.build_optimizer
+
+    def spy(model, cfg):
+        starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real(model, cfg)
+
+    monkeypatch.setattr(runner_mod, "build_optimizer", spy)
+    run_dir = train(tiny_config, tmp_path)
+    assert len(starts) == 2
+    end_of_stage0 = load_checkpoint(run_dir / "checkpoints" / "stage0.pt")["state_dict"]
+    for k, v in end_of_stage0.items():
+        assert torch.equal(starts[1][k], v), k  # stage 1 begins with stage 0's weights and BN stats
+    assert any(not torch.equal(starts[0][k], v) for k, v in end_of_stage0.items())
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("saves_before_kill", [1, 2])  # mid-stage (stage 0, epoch 1) and at a stage boundary
+def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch, saves_before_kill):
+    reference = train(tiny_config, tmp_path / "a")
+    final = load_checkpoint(reference / "checkpoints" / "last.pt")["state_dict"]
+
+    real_save = runner_mod.save_checkpoint
+    calls = []
+
+    def save_then_die(paths, state):
+        real_save(paths, state)
+        calls.append(1)
+        if len(calls) == saves_before_kill:
+            raise Interrupt
+
+    monkeypatch.setattr(runner_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupt):
+        train(tiny_config, tmp_path / "b")
+    monkeypatch.setattr(runner_mod, "save_checkpoint", real_save)
+    (run_dir,) = (tmp_path / "b" / "runs").iterdir()
+    stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
+    assert (stopped["stage"], stopped["epoch"]) == ((0, 1) if saves_before_kill == 1 else (0, 2))
+
+    started = []
+    real_epoch = runner_mod.StageRunner.train_epoch
+
+    def spy(self, k, epoch, *args):
+        started.append((k, epoch))
+        return real_epoch(self, k, epoch, *args)
+
+    monkeypatch.setattr(runner_mod.StageRunner, "train_epoch", spy)
+    assert main(["run", "ignored.yaml", "--resume", str(run_dir)]) == 0
+    assert started[0] == ((0, 1) if saves_before_kill == 1 else (1, 0))
+    resumed = load_checkpoint(run_dir / "checkpoints" / "last.pt")["state_dict"]
+    for k, v in final.items():
+        assert torch.equal(resumed[k], v), k  # bit-exact with the uninterrupted run on CPU
+    assert [r["val_top1"] for r in records(run_dir, "epoch")] == [r["val_top1"] for r in records(reference, "epoch")]
+    assert len(records(run_dir, "step")) == len(records(reference, "step"))
+
+
+@pytest.mark.parametrize("amp,scaler", [("bf16", False), ("fp16", True), ("off", False)])
+def test_amp_uses_a_scaler_only_for_fp16(tiny_config, tmp_path, amp, scaler):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"]["amp"] = amp
+    cfg["stages"] = cfg["stages"][:1]
+    run_dir = train(cfg, tmp_path)
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert (saved["scaler"] is not None) == scaler
+    assert step_mod.resolve_precision(amp, torch.device("cpu")).needs_scaler == scaler
+    assert step_mod.resolve_precision("auto", torch.device("cpu")).dtype is None
+
+
+def test_compile_adds_one_graph_per_shape(tiny_config, tmp_path, monkeypatch):
+    counter = CompileCounter()
+    monkeypatch.setattr(step_mod, "COMPILE_BACKEND", counter)
+    torch._dynamo.reset()
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"]["compile"] = "on"
+    # 20 val images in batches of 8 and 6: the last val batch is partial in both stages
+    train(cfg, tmp_path)
+    torch._dynamo.reset()
+    assert counter.frame_count == 4  # per stage: one training graph and one evaluation graph
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tiny_config, write_yaml):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["stages"][1]["batch_size"] = 64
+    path = write_yaml(cfg)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(path), "--set", "run.out_dir=" + str(path.parent / "runs")],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: stages.1.batch_size: 64 is larger than the training set (40 images in {cfg['data']['train']}); use at most 40"
+    ]
+    assert not (path.parent / "runs").exists() or not any((path.parent / "runs").iterdir())
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "nope.yaml"], "error: nope.yaml: no such file"),
+        (["run", "X", "--set", "train.optimizer.lr=-1"], "error: train.optimizer.lr: must be > 0"),
+        (["run", "X", "--set", "run.device=cuda"], "error: run.device: cuda was asked for"),
+        (["run", "X", "--resume", "/no/run"], "error: --resume /no/run: not a run folder"),
+    ],
+)
+def test_cli_errors(tiny_config, write_yaml, capsys, args, message):
+    if torch.cuda.is_available() and "run.device=cuda" in args:
+        pytest.skip("CUDA is present")
+    path = write_yaml(tiny_config)
+    args = [str(path) if a == "X" else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
