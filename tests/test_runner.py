@@ -149,7 +149,8 @@ def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch, s
 def test_amp_uses_a_scaler_only_for_fp16(tiny_config, tmp_path, amp, scaler):
     cfg = copy.deepcopy(tiny_config)
     cfg["train"]["amp"] = amp
-    cfg["stages"] = cfg["stages"][:1]
+    # 32px: at 16px the last stage is 1x1, where CPU bf16 convolution backward returns NaN (a torch quirk)
+    cfg["stages"] = [{"img_size": 32, "batch_size": 8, "epochs": 1}]
     run_dir = train(cfg, tmp_path)
     saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert (saved["scaler"] is not None) == scaler
@@ -201,3 +202,19 @@ def test_cli_errors(tiny_config, write_yaml, capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(message), err
+
+
+@pytest.mark.slow
+def test_inductor_compiled_run_matches_eager_closely(tiny_config, tmp_path):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["stages"] = [{"img_size": 16, "batch_size": 8, "epochs": 1, "mixup": "off"}]
+    eager = train(cfg, tmp_path / "eager")
+    cfg["train"]["compile"] = "on"
+    torch._dynamo.reset()
+    compiled = train(cfg, tmp_path / "compiled")
+    torch._dynamo.reset()
+    a, b = records(eager, "step"), records(compiled, "step")
+    assert len(a) == len(b)
+    # same weights and batches: compiled kernels reorder float sums, so losses agree to rounding only
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-3, abs=1e-4)
