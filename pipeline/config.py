@@ -12,14 +12,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from pipeline.errors import ConfigError
 
 # A field's `check` returns an error text for a bad value, or None.
-Check = typing.Callable[[Any], Optional[str]]
+Check = typing.Callable[[Any], str | None]
 
 
 def positive(v: Any) -> str | None:
@@ -79,7 +79,7 @@ class DataConfig:
     train: str = "demo"
     val: str = "demo"
     backend: Literal["tv2"] = "tv2"
-    workers: Union[int, Literal["auto"]] = checked("auto", workers_check)
+    workers: int | Literal["auto"] = checked("auto", workers_check)
     decode_on: Literal["auto", "workers", "device"] = "auto"  # auto: device (nvJPEG) on CUDA
     scale: tuple[float, float] = checked((0.35, 1.0), scale_check)  # RandomResizedCrop area range
     ratio: tuple[float, float] = checked((3 / 4, 4 / 3), ratio_check)
@@ -90,8 +90,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet18"
-    pretrained: Optional[str] = None  # a local weights file; nothing is downloaded
-    num_classes: Union[int, Literal["auto"]] = checked("auto", classes_check)
+    pretrained: str | None = None  # a local weights file; nothing is downloaded
+    num_classes: int | Literal["auto"] = checked("auto", classes_check)
 
 
 @dataclass
@@ -129,7 +129,7 @@ class TrainConfig:
     compile: Literal["auto", "on", "off"] = "auto"
     channels_last: bool = True
     label_smoothing: float = checked(0.1, lambda v: None if 0 <= v < 1 else f"must be in [0, 1), got {v!r}")
-    mixup: Optional[MixupConfig] = field(default_factory=MixupConfig)  # None: off
+    mixup: MixupConfig | None = field(default_factory=MixupConfig)  # None: off
 
 
 @dataclass

@@ -34,7 +34,8 @@ def load_pretrained(model: torch.nn.Module, path: str) -> None:
     result = model.load_state_dict(state, strict=False)
     loaded = len(own) - len(result.missing_keys)
     if loaded == 0:
-        raise ConfigError(f"model.pretrained: no tensor in {path!r} matches model.arch {model.default_cfg.get('architecture')!r}")
+        arch = model.default_cfg.get("architecture")
+        raise ConfigError(f"model.pretrained: no tensor in {path!r} matches model.arch {arch!r}")
     print(
         f"pretrained: loaded {loaded}/{len(own)} tensors from {path}"
         + (f"; new (shape differs): {', '.join(mismatched)}" if mismatched else "")

@@ -37,9 +37,7 @@ class MetricsLog:
         if not path.is_file():
             return
         kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and _before(json.loads(line), stage, epoch)
+            line for line in path.read_text().splitlines() if line.strip() and _before(json.loads(line), stage, epoch)
         ]
         write_text(path, "".join(line + "\n" for line in kept))
 

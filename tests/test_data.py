@@ -92,10 +92,7 @@ def test_workers_mode_and_device_mode_agree(splits):
 
 def test_sampler_shards_cover_the_dataset_once():
     for train in (True, False):
-        shards = [
-            list(EpochSampler(21, LoaderSpec(img_size=8, batch_size=2, train=train, device=CPU, seed=3, rank=r, world_size=2)))
-            for r in range(2)
-        ]
+        shards = [list(EpochSampler(21, LoaderSpec(8, 2, train, CPU, seed=3, rank=r, world_size=2))) for r in range(2)]
         idx = [i for s in shards for i, _ in s]
         assert len(idx) == len(set(idx))
         assert len(idx) == (20 if train else 21)  # training keeps equal shares per rank
@@ -119,7 +116,7 @@ def _odd_images(folder):
     Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
     Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
     Image.fromarray(rgb).convert("P").save(folder / "palette.png")
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(folder / "sixteen.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(folder / "sixteen.png")
 
 
 def test_odd_image_modes_become_rgb(tmp_path):
@@ -165,8 +162,12 @@ def test_demo_dataset_is_an_image_folder_and_tool_writes_it(tmp_path):
 
     out = tmp_path / "demo"
     tool = Path(__file__).resolve().parents[1] / "tools" / "make_demo_data.py"
-    proc = subprocess.run([sys.executable, str(tool), str(out), "--train", "20", "--val", "10", "--size", "48"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(tool), str(out), "--train", "20", "--val", "10", "--size", "48"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     index = scan_image_folder(out / "train", "data.train")
     assert len(index) == 20 and len(index.classes) == 10

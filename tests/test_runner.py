@@ -136,7 +136,7 @@ def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch, s
         return real_epoch(self, k, epoch, *args)
 
     monkeypatch.setattr(runner_mod.StageRunner, "train_epoch", spy)
-    assert main(["run", "ignored.yaml", "--resume", str(run_dir)]) == 0
+    assert main(["run", "--resume", str(run_dir)]) == 0
     assert started[0] == ((0, 1) if saves_before_kill == 1 else (1, 0))
     resumed = load_checkpoint(run_dir / "checkpoints" / "last.pt")["state_dict"]
     for k, v in final.items():
@@ -176,11 +176,15 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_config, write_yaml):
     path = write_yaml(cfg)
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", str(path), "--set", "run.out_dir=" + str(path.parent / "runs")],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: stages.1.batch_size: 64 is larger than the training set (40 images in {cfg['data']['train']}); use at most 40"
+        f"error: stages.1.batch_size: 64 is larger than the training set "
+        f"(40 images in {cfg['data']['train']}); use at most 40"
     ]
     assert not (path.parent / "runs").exists() or not any((path.parent / "runs").iterdir())
 
@@ -192,6 +196,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_config, write_yaml):
         (["run", "X", "--set", "train.optimizer.lr=-1"], "error: train.optimizer.lr: must be > 0"),
         (["run", "X", "--set", "run.device=cuda"], "error: run.device: cuda was asked for"),
         (["run", "X", "--resume", "/no/run"], "error: --resume /no/run: not a run folder"),
+        (["run"], "error: run: give a stages file"),
     ],
 )
 def test_cli_errors(tiny_config, write_yaml, capsys, args, message):

@@ -1,6 +1,6 @@
 """Write the built-in `demo` dataset to a folder, to look at it or to train on a copy of it.
 
-    python tools/make_demo_data.py OUT_DIR [--train 5000] [--val 1000] [--size 96] [--seed 0]
+python tools/make_demo_data.py OUT_DIR [--train 5000] [--val 1000] [--size 96] [--seed 0]
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     make_demo_dataset(args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed)
     print(f"wrote {args.train} train / {args.val} val images of {len(CLASSES)} classes to {args.out}")
-    print(f"train on it with: python -m pipeline run stages.yaml --set data.train={args.out}/train --set data.val={args.out}/val")
+    sets = f"--set data.train={args.out}/train --set data.val={args.out}/val"
+    print(f"train on it with: python -m pipeline run stages.yaml {sets}")
     return 0
 
 

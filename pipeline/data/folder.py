@@ -46,9 +46,7 @@ def scan_image_folder(root: str | Path, field: str) -> ImageFolderIndex:
     samples: list[tuple[str, int]] = []
     empty, zero_bytes = [], []
     for label, name in enumerate(classes):
-        files = sorted(
-            str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
-        )
+        files = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
         if not files:
             empty.append(name)
         for f in files:

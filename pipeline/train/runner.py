@@ -22,7 +22,7 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.files import write_json, write_text
 from pipeline.model import build_model
 from pipeline.report import MetricsLog, epoch_bar, format_summary
-from pipeline.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from pipeline.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything
 from pipeline.train.schedule import build_optimizer, build_scheduler, current_lr_momentum
 from pipeline.train.step import Precision, TrainStep, build_mixup, compile_model, resolve_precision
 
@@ -282,8 +282,16 @@ class StageRunner:
                             f"train.optimizer.lr and resume from {self.run_dir / 'checkpoints' / 'last.pt'}"
                         )
                     self.metrics.write(
-                        {"kind": "step", "stage": k, "epoch": epoch, "step": j, "lr": lr_j, "momentum": mom_j,
-                         "loss": loss, "images_per_s": round(rate, 1)}
+                        {
+                            "kind": "step",
+                            "stage": k,
+                            "epoch": epoch,
+                            "step": j,
+                            "lr": lr_j,
+                            "momentum": mom_j,
+                            "loss": loss,
+                            "images_per_s": round(rate, 1),
+                        }
                     )
                 loss_sum += sum(losses)
                 steps += len(losses)

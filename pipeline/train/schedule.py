@@ -21,11 +21,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> OneCycleLR:
     """OneCycleLR over exactly `total_steps` optimizer steps; each group's peak is its own lr."""
     defaults = optimizer.defaults
+    pct_start = cfg.pct_start
+    if total_steps >= 2:  # a warm-up under two steps divides by zero inside OneCycleLR
+        pct_start = max(pct_start, min(0.75, 2 / total_steps))
     return OneCycleLR(
         optimizer,
         max_lr=[g["lr"] for g in optimizer.param_groups],
         total_steps=total_steps,
-        pct_start=cfg.pct_start,
+        pct_start=pct_start,
         div_factor=cfg.div_factor,
         final_div_factor=cfg.final_div_factor,
         cycle_momentum="momentum" in defaults or "betas" in defaults,

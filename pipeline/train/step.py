@@ -79,7 +79,9 @@ class TrainStep:
         self.precision, self.device, self.mixup = precision, device, mixup
         self.scaler = scaler
         # Mixup's targets already carry the label smoothing
-        self.criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.criterion = (
+            SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        )
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.mixup is not None:
