@@ -17,14 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train through the stages of a stages file")
     run.add_argument("file", type=Path, nargs="?", help="the stages file, e.g. stages.yaml (not needed with --resume)")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any key, e.g. --set train.optimizer.lr=0.1 --set stages.1.epochs=5",
-    )
+    add_set(run)
     run.add_argument("--out", type=Path, default=None, help="folder the run folder is made in (default: run.out_dir)")
     run.add_argument(
         "--resume",
@@ -33,12 +26,69 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from checkpoints/last.pt (its config.yaml is used)",
     )
+    find = sub.add_parser("lr-find", help="LR range test on one stage's exact training setup")
+    find.add_argument("file", type=Path, help="the stages file")
+    find.add_argument("--stage", type=int, default=0, help="which stage's size, batch, AMP and Mixup (default 0)")
+    find.add_argument("--start", type=float, default=1e-7, help="first LR (default 1e-7)")
+    find.add_argument("--end", type=float, default=10.0, help="last LR (default 10)")
+    find.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    find.add_argument("--mode", choices=["exp", "linear"], default="exp", help="how the LR rises (default exp)")
+    find.add_argument("--out", type=Path, default=None, help="folder the output folder is made in")
+    find.add_argument("--apply", action="store_true", help="write FILE.lr-find.yaml with the stage's lr set")
+    add_set(find)
     return parser
+
+
+def add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any key, e.g. --set train.optimizer.lr=0.1 --set stages.1.epochs=5",
+    )
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.files import write_text
+    from pipeline.train.runner import recommended_lr, run_lr_find
+
+    if not 0 < args.start < args.end:
+        raise UserError(f"--start {args.start:g} / --end {args.end:g}: need 0 < start < end")
+    if args.steps < 5:
+        raise UserError(f"--steps {args.steps}: need at least 5")
+    cfg = load_config(args.file, args.overrides)
+    result, out_dir = run_lr_find(
+        cfg, args.stage, args.out, start=args.start, end=args.end, steps=args.steps, mode=args.mode
+    )
+    print(f"{len(result.lrs)} steps; stopped: {result.stop_reason}")
+    for name, lr in result.suggestions.items():
+        print(f"  {name:>8}: {lr:.3g}")
+    lr = recommended_lr(result, f"stages.{args.stage}.lr")
+    print(f"recommended ({result.recommendation}): lr {lr:.3g}; set it with --set stages.{args.stage}.lr={lr:.3g}")
+    print(f"wrote {out_dir / 'lr_find.csv'} and {out_dir / 'lr_find.png'}")
+    if args.apply:
+        raw = cfg.raw
+        stage = raw["stages"][args.stage]
+        if isinstance(stage.get("optimizer"), dict) and "lr" in stage["optimizer"]:
+            stage["optimizer"]["lr"] = float(f"{lr:.3g}")
+        else:
+            stage["lr"] = float(f"{lr:.3g}")
+        target = args.file.with_name(args.file.stem + ".lr-find.yaml")
+        if target.resolve() == args.file.resolve():
+            target = args.file.with_name(args.file.stem + ".lr-find-2.yaml")
+        write_text(target, yaml.safe_dump(raw, sort_keys=False))
+        print(f"wrote {target} (stages.{args.stage}.lr: {lr:.3g}); train with: python -m pipeline run {target}")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.train import run_training
+    from pipeline.train.runner import run_training
 
     if args.resume is not None:
         config_path = args.resume / "config.yaml"
@@ -56,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run}[args.command](args)
+        return {"run": cmd_run, "lr-find": cmd_lr_find}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

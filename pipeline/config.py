@@ -26,6 +26,10 @@ def positive(v: Any) -> str | None:
     return None if v > 0 else f"must be > 0, got {v!r}"
 
 
+def lr_check(v: Any) -> str | None:
+    return None if v == "find" or v > 0 else f"must be > 0 or 'find', got {v!r}"
+
+
 def non_negative(v: Any) -> str | None:
     return None if v >= 0 else f"must be >= 0, got {v!r}"
 
@@ -69,7 +73,7 @@ def checked(default: Any, check: Check) -> Any:
 class RunConfig:
     name: str = "demo"
     out_dir: str = "runs"
-    seed: int = checked(0, non_negative)
+    seed: int = checked(0, lambda v: None if 0 <= v < 2**63 else f"must be in [0, 2**63), got {v!r}")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = checked(20, at_least_one)  # steps between metric flushes (each one syncs the GPU)
 
@@ -97,7 +101,7 @@ class ModelConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "sgd"  # any timm create_optimizer_v2 name
-    lr: float = checked(0.4, positive)
+    lr: float | Literal["find"] = checked(0.1, lr_check)  # find: an LR range test per stage
     momentum: float = checked(0.9, unit_closed)
     weight_decay: float = checked(5.0e-5, non_negative)
     nesterov: bool = True
@@ -215,8 +219,8 @@ def parse_config(raw: dict, base_dir: Path = Path(".")) -> Config:
     """Validate a raw YAML mapping into a Config."""
     raw = copy.deepcopy(raw)
     unknown = set(raw) - set(SECTIONS) - {"stages"}
-    for key in sorted(unknown):
-        raise ConfigError(f"{key}: unknown section{_suggest(key, list(SECTIONS) + ['stages'])}")
+    for key in sorted(unknown, key=str):
+        raise ConfigError(f"{key}: unknown section{_suggest(str(key), list(SECTIONS) + ['stages'])}")
     sections = {name: parse_dataclass(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
     train_raw = raw.get("train") or {}
     if not isinstance(train_raw, dict):
@@ -235,11 +239,14 @@ def parse_config(raw: dict, base_dir: Path = Path(".")) -> Config:
                 p = (base_dir / p) if (base_dir / p).exists() else p
             if not p.is_dir():
                 raise ConfigError(f"data.{name}: folder {value!r} does not exist (an ImageFolder path, or `demo`)")
-            setattr(data, name, str(p))
+            setattr(data, name, str(p.resolve()))
     model: ModelConfig = sections["model"]
     if model.pretrained is not None and not Path(model.pretrained).expanduser().is_file():
         raise ConfigError(f"model.pretrained: file {model.pretrained!r} does not exist")
     _check_arch(model.arch)
+    _check_optimizer(sections["train"].optimizer, "train.optimizer")
+    for i, stage in enumerate(stages):
+        _check_optimizer(stage.train.optimizer, f"stages.{i}.optimizer")
 
     resolved = {name: dataclasses.asdict(sections[name]) for name in SECTIONS}
     resolved["stages"] = copy.deepcopy(stages_raw)
@@ -256,6 +263,8 @@ def _parse_stage(stage: Any, train_raw: dict, path: str) -> StageSpec:
         values[key] = _coerce(stage[key], int, f"{path}.{key}")
         if values[key] <= 0:
             raise ConfigError(f"{path}.{key}: must be a positive integer, got {values[key]}")
+    if values["batch_size"] < 2:
+        raise ConfigError(f"{path}.batch_size: must be at least 2 (BatchNorm needs two samples per batch)")
     overrides = {k: v for k, v in stage.items() if k not in STAGE_SIZE_KEYS}
     merged = copy.deepcopy(train_raw)
     train_keys = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -271,9 +280,16 @@ def _parse_stage(stage: Any, train_raw: dict, path: str) -> StageSpec:
             merged[key] = _deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
         else:
             allowed = list(STAGE_SIZE_KEYS) + train_keys + list(STAGE_SHORTCUTS)
-            raise ConfigError(f"{path}.{key}: unknown stage key{_suggest(key, allowed)}")
+            raise ConfigError(f"{path}.{key}: unknown stage key{_suggest(str(key), allowed)}")
     # Inherited keys were validated as `train.*`; an error here comes from this stage's overrides.
-    train = parse_dataclass(TrainConfig, merged, path)
+    try:
+        train = parse_dataclass(TrainConfig, merged, path)
+    except ConfigError as e:
+        message = str(e)
+        for short, (section, sub) in STAGE_SHORTCUTS.items():
+            if short in stage:  # name the key the user wrote
+                message = message.replace(f"{path}.{section}.{sub}:", f"{path}.{short}:")
+        raise ConfigError(message) from None
     return StageSpec(train=train, **values)
 
 
@@ -369,6 +385,16 @@ def _check_arch(arch: str) -> None:
 
     if not timm.is_model(arch):
         raise ConfigError(f"model.arch: unknown timm architecture {arch!r}{_suggest(arch, timm.list_models())}")
+
+
+def _check_optimizer(cfg: OptimizerConfig, path: str) -> None:
+    from timm.optim import list_optimizers
+
+    names = list_optimizers()
+    if cfg.name not in names:
+        raise ConfigError(f"{path}.name: unknown optimizer {cfg.name!r}{_suggest(cfg.name, names)}")
+    if cfg.name == "sgd" and cfg.nesterov and cfg.momentum == 0:
+        raise ConfigError(f"{path}.nesterov: Nesterov needs momentum > 0 (set nesterov: false or a momentum)")
 
 
 def _suggest(word: str, options: list[str]) -> str:

@@ -36,13 +36,15 @@ class MetricsLog:
         """On resume: drop records of epochs at or after (stage, epoch), which will be run again."""
         if not path.is_file():
             return
-        kept = [
-            line for line in path.read_text().splitlines() if line.strip() and _before(json.loads(line), stage, epoch)
-        ]
+        kept = [line for line in path.read_text().splitlines() if _before(line, stage, epoch)]
         write_text(path, "".join(line + "\n" for line in kept))
 
 
-def _before(record: dict[str, Any], stage: int, epoch: int) -> bool:
+def _before(line: str, stage: int, epoch: int) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:  # a line torn by the crash being resumed from
+        return False
     return (record["stage"], record["epoch"]) < (stage, epoch)
 
 

@@ -78,10 +78,15 @@ BAD = [
     ({"stages": [{"img_size": 32, "batch_size": 0, "epochs": 1}]}, "stages.0.batch_size: must be a positive integer"),
     ({"stages": [{"img_size": -32, "batch_size": 8, "epochs": 1}]}, "stages.0.img_size: must be a positive integer"),
     ({"stages": [{"img_size": 32, "batch_size": 8, "epochs": 1.5}]}, "stages.0.epochs: must be an integer"),
-    ({"stages": [{"img_size": 32, "batch_size": 8, "epochs": 1, "lr": 0}]}, "stages.0.optimizer.lr: must be > 0"),
+    ({"stages": [{"img_size": 32, "batch_size": 8, "epochs": 1, "lr": 0}]}, "stages.0.lr: must be > 0"),
     ({"stages": [{"img_size": 32, "batch_size": 8, "epochs": 1, "mixup": {"prob": 3}}]}, "stages.0.mixup.prob"),
     ({"stages": [{"img_size": 32, "batch_size": 8, "epochs": 1, "imgsize": 3}]}, "stages.0.imgsize: unknown stage key"),
     ({"stages": [16, 24]}, "stages.0: must be a mapping"),
+    ({"stages": [{"img_size": 32, "batch_size": 1, "epochs": 1}]}, "stages.0.batch_size: must be at least 2"),
+    ({"train": {"optimizer": {"name": "adamww"}}}, "train.optimizer.name: unknown optimizer 'adamww'"),
+    ({"train": {"optimizer": {"momentum": 0}}}, "train.optimizer.nesterov: Nesterov needs momentum > 0"),
+    ({"run": {"seed": 2**64}}, "run.seed: must be in [0, 2**63)"),
+    ({1: "x"}, "1: unknown section"),
 ]
 
 

@@ -17,8 +17,8 @@ import pipeline.train.runner as runner_mod
 import pipeline.train.step as step_mod
 from pipeline.cli import main
 from pipeline.config import parse_config
-from pipeline.train import run_training
 from pipeline.train.checkpoint import load_checkpoint
+from pipeline.train.runner import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,6 +143,54 @@ def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch, s
         assert torch.equal(resumed[k], v), k  # bit-exact with the uninterrupted run on CPU
     assert [r["val_top1"] for r in records(run_dir, "epoch")] == [r["val_top1"] for r in records(reference, "epoch")]
     assert len(records(run_dir, "step")) == len(records(reference, "step"))
+
+
+def test_resume_refuses_changes_to_what_was_trained(tiny_config, tmp_path, capsys):
+    run_dir = train(tiny_config, tmp_path)
+    capsys.readouterr()  # drop the progress bars of the first run
+    for setting, field in [
+        ("stages.0.epochs=5", "stages.0.epochs"),
+        ("train.optimizer.lr=0.01", "train.optimizer.lr"),
+        ("model.arch=resnet18", "model.arch"),
+    ]:
+        assert main(["run", "--resume", str(run_dir), "--set", setting]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {field}: cannot change on resume"), err
+    # run settings and stages not begun yet may change: here, one more stage is added to a finished run
+    extra = "stages=" + json.dumps([*tiny_config["stages"], {"img_size": 16, "batch_size": 8, "epochs": 1}])
+    assert main(["run", "--resume", str(run_dir), "--set", "run.log_every=7", "--set", extra]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["stages"]) == 3 and (run_dir / "checkpoints" / "stage2.pt").is_file()
+
+
+def test_last_checkpoint_is_written_after_best_and_stage(tiny_config, tmp_path, monkeypatch):
+    calls = []
+    real = runner_mod.save_checkpoint
+
+    def spy(paths, state):
+        calls.append([p.name for p in paths])
+        real(paths, state)
+
+    monkeypatch.setattr(runner_mod, "save_checkpoint", spy)
+    train(tiny_config, tmp_path)
+    assert len(calls) == 3 and all(names[-1] == "last.pt" for names in calls)
+    assert "stage0.pt" in calls[1] and "stage1.pt" in calls[2]
+
+
+def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    from pipeline.report import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "epoch", "stage": 0, "epoch": 0}\n{"kind": "epoch", "stage": 0, "epoch": 1}\n{"kin')
+    MetricsLog.keep_before(path, 0, 1)
+    assert path.read_text() == '{"kind": "epoch", "stage": 0, "epoch": 0}\n'
+
+
+def test_unwritable_out_dir_is_a_config_error(tiny_config, write_yaml, capsys):
+    blocker = write_yaml(tiny_config).parent / "a_file"
+    blocker.write_text("")
+    assert main(["run", str(write_yaml(tiny_config)), "--out", str(blocker / "runs")]) == 2
+    assert capsys.readouterr().err.startswith("error: run.out_dir: cannot create")
 
 
 @pytest.mark.parametrize("amp,scaler", [("bf16", False), ("fp16", True), ("off", False)])

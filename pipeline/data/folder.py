@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS as TV_EXTENSIONS
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
 from pipeline.errors import DataError
+
+IMG_EXTENSIONS = (*TV_EXTENSIONS, ".gif")
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they remain the decoders here.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
@@ -66,6 +68,8 @@ def read_image(path: str) -> torch.Tensor:
     """Decode a file to a 3xHxW uint8 RGB tensor (grayscale, CMYK, RGBA and palette included)."""
     try:
         img = decode_image(path, mode=ImageReadMode.RGB)
+        if img.ndim == 4:  # an animated GIF: its first frame
+            img = img[0]
         # 16-bit PNGs decode to uint16: scale down to the uint8 the loaders expect
         return img if img.dtype == torch.uint8 else to_dtype(img, torch.uint8, scale=True)
     except Exception:  # formats torchvision cannot decode (e.g. some TIFF/WebP variants): try PIL

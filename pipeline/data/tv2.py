@@ -89,7 +89,7 @@ class EpochSampler(Sampler):
 def draw_crop(height: int, width: int, seed: int, spec: LoaderSpec) -> tuple[int, int, int, int, bool]:
     """RandomResizedCrop box and flip for one sample, from its own seed."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed CUDA too
         shape_only = torch.empty(1, 1, 1).expand(1, height, width)
         top, left, h, w = RandomResizedCrop.get_params(shape_only, list(spec.scale), list(spec.ratio))
         flip = bool(torch.rand(()) < spec.hflip)
@@ -120,14 +120,25 @@ class FolderDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]):
         idx, seed = item
         path, label = self.samples[idx]
+        unreadable = torch.zeros(3, self.spec.img_size, self.spec.img_size, dtype=torch.uint8), -1, idx, seed
         if self.spec.decode_on == "device":
-            return read_file(path), label, idx, seed
+            try:
+                data = read_file(path)
+            except RuntimeError:
+                return unreadable  # reported by path in the main process, without a traceback
+            if is_jpeg(data):
+                return data, label, idx, seed  # decoded in batch on the device
         try:
-            img = read_image(path)
+            img = read_image(path)  # other formats decode here, in parallel workers
         except DataError:
-            blank = torch.zeros(3, self.spec.img_size, self.spec.img_size, dtype=torch.uint8)
-            return blank, -1, idx, seed  # reported by path in the main process, without a traceback
+            return unreadable
+        if self.spec.decode_on == "device":
+            return img, label, idx, seed  # augmented on the device with the JPEGs
         return augment(img, seed, self.spec), label, idx, seed
+
+
+def is_jpeg(data: torch.Tensor) -> bool:
+    return data.ndim == 1 and data.numel() > 2 and int(data[0]) == 0xFF and int(data[1]) == 0xD8
 
 
 def _collate_encoded(batch):
@@ -174,22 +185,23 @@ class TV2Loader:
             raise RuntimeError("loader used after close()")
         device = self.spec.device
         for data, labels, idxs, seeds in self._loader:
+            bad = (labels < 0).nonzero().flatten().tolist()
+            if bad:
+                self._raise_unreadable(idxs[bad[0]])
             if self.spec.decode_on == "device":
                 images = self._decode_on_device(data, idxs, seeds)
             else:
-                bad = (labels < 0).nonzero().flatten().tolist()
-                if bad:
-                    self._raise_unreadable(idxs[bad[0]])
                 images = data.to(device, non_blocking=True)
             yield self._normalize(images), labels.to(device, non_blocking=True)
 
-    def _decode_on_device(self, encoded: list[torch.Tensor], idxs: list[int], seeds: list[int]) -> torch.Tensor:
+    def _decode_on_device(self, items: list[torch.Tensor], idxs: list[int], seeds: list[int]) -> torch.Tensor:
+        """JPEG bytes are decoded here in one batch; other formats arrive decoded from the workers."""
         device = self.spec.device
-        jpeg = [i for i, d in enumerate(encoded) if d.numel() > 2 and d[0] == 0xFF and d[1] == 0xD8]
-        images: list = [None] * len(encoded)
+        jpeg = [i for i, d in enumerate(items) if d.ndim == 1]
+        images: list = [None if d.ndim == 1 else d.to(device, non_blocking=True) for d in items]
         if jpeg:
             try:  # one batched call: nvJPEG on CUDA
-                decoded = decode_jpeg([encoded[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+                decoded = decode_jpeg([items[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
                 for i, img in zip(jpeg, decoded):
                     images[i] = img
             except RuntimeError:

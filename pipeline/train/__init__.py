@@ -1,8 +1,4 @@
-"""Training: the stage runner, the step, the optimizer and schedule, checkpoints.
+"""Training: the stage runner (`runner.run_training`), the step, the optimizer and schedule, checkpoints.
 
-`run_training` is the only place that knows there are stages.
+The runner is the only place that knows there are stages.
 """
-
-from pipeline.train.runner import run_training
-
-__all__ = ["run_training"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from pipeline.config import Config, StageSpec
 from pipeline.data import Datasets, TV2Loader, build_loader, scan_datasets
 from pipeline.errors import ConfigError, UserError
 from pipeline.files import write_json, write_text
+from pipeline.lr_finder import RangeTest, find_lr, plot, write_csv
 from pipeline.model import build_model
 from pipeline.report import MetricsLog, epoch_bar, format_summary
 from pipeline.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything
@@ -46,6 +47,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def use_compile(stage: StageSpec, device: torch.device) -> bool:
+    return stage.train.compile == "on" or (stage.train.compile == "auto" and device.type == "cuda")
 
 
 def derive_seed(*parts: int) -> int:
@@ -86,36 +91,76 @@ def new_run_dir(out_dir: Path, name: str) -> Path:
     while run_dir.exists():
         n += 1
         run_dir = base.with_name(f"{base.name}-{n}")
-    (run_dir / "checkpoints").mkdir(parents=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as e:
+        raise ConfigError(f"run.out_dir: cannot create {run_dir} ({e.strerror or e})") from None
     return run_dir
 
 
-def run_training(cfg: Config, out_dir: Path | None = None, resume: Path | None = None) -> Path:
-    """Train through every stage; returns the run folder. `resume`: a run folder to continue."""
+# On resume these may change; so may stages not yet started. Anything else would make the
+# checkpoint's optimizer, scheduler or weights disagree with the configuration.
+RESUME_MUTABLE = ("run.", "data.workers", "data.decode_on")
+
+
+def check_resume_changes(saved: dict[str, Any], current: dict[str, Any], progress: Progress) -> None:
+    """Refuse `--set` changes on resume that touch what has already been trained."""
+    first_open = progress.stage + (1 if progress.epoch > 0 else 0)  # first stage not yet begun
+    for path, old, new in _differences(saved, current):
+        if path.startswith(RESUME_MUTABLE):
+            continue
+        parts = path.split(".")
+        if parts[0] == "stages" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) >= first_open:
+            continue
+        if path == "stages" and len(new) >= first_open and new[:first_open] == old[:first_open]:
+            continue
+        raise ConfigError(
+            f"{path}: cannot change on resume ({old!r} -> {new!r}): the run has already trained with it; "
+            "start a new run instead"
+        )
+
+
+def _differences(old: Any, new: Any, path: str = ""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            yield from _differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            yield from _differences(a, b, f"{path}.{i}")
+    elif old != new:
+        yield path, old, new
+
+
+def prepare(cfg: Config) -> tuple[torch.device, Datasets, int]:
+    """Device, scanned datasets and class count; every user error surfaces here, before training."""
     device = resolve_device(cfg.run.device)
     datasets = scan_datasets(cfg.data)
     check_stages(cfg, datasets)
-    num_classes = resolve_num_classes(cfg, datasets)
-    checkpoint = None
-    if resume is not None:
-        run_dir = Path(resume)
-        checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    else:
-        run_dir = new_run_dir(Path(out_dir or cfg.run.out_dir), cfg.run.name)
-        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.raw, sort_keys=False))
-
-    seed_everything(cfg.run.seed)
-    model = build_model(cfg.model, num_classes).to(device)
-    progress = Progress()
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["state_dict"])
-        progress = Progress(**checkpoint["progress"])
-        MetricsLog.keep_before(run_dir / "metrics.jsonl", progress.stage, progress.epoch)
-        print(f"resuming {run_dir} at stage {progress.stage}, epoch {progress.epoch}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return device, datasets, resolve_num_classes(cfg, datasets)
+
+
+def run_training(cfg: Config, out_dir: Path | None = None, resume: Path | None = None) -> Path:
+    """Train through every stage; returns the run folder. `resume`: a run folder to continue."""
+    device, datasets, num_classes = prepare(cfg)
+    seed_everything(cfg.run.seed)
+    model = build_model(cfg.model, num_classes).to(device)
+    checkpoint = None
+    progress = Progress()
+    if resume is not None:
+        run_dir = Path(resume)
+        checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        progress = Progress(**checkpoint["progress"])
+        check_resume_changes(checkpoint["config"], cfg.raw, progress)
+        model.load_state_dict(checkpoint["state_dict"])
+        MetricsLog.keep_before(run_dir / "metrics.jsonl", progress.stage, progress.epoch)
+        print(f"resuming {run_dir} at stage {progress.stage}, epoch {progress.epoch}")
+    else:
+        run_dir = new_run_dir(Path(out_dir or cfg.run.out_dir), cfg.run.name)
+    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.raw, sort_keys=False))
     print(
         f"run folder {run_dir}\ndevice {device}; {len(datasets.train)} train / {len(datasets.val)} val images, "
         f"{num_classes} classes; model {cfg.model.arch}"
@@ -141,8 +186,7 @@ class StageRunner:
 
     def network(self, stage: StageSpec) -> torch.nn.Module:
         """The module to call: compiled (one object for the whole run) or the plain model."""
-        use = stage.train.compile == "on" or (stage.train.compile == "auto" and self.device.type == "cuda")
-        if not use:
+        if not use_compile(stage, self.device):
             return self.model
         if self._compiled is None:
             self._compiled = compile_model(self.model)
@@ -176,12 +220,21 @@ class StageRunner:
         val_loader = build_loader(cfg.data, self.datasets.val, train=False, batch_size=stage.batch_size, **loader_args)
         if tc.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(self.model, tc.optimizer)
-        scheduler = build_scheduler(optimizer, tc.schedule, total_steps=len(train_loader) * stage.epochs)
+        find = tc.optimizer.lr == "find"
+        optimizer = build_optimizer(self.model, replace(tc.optimizer, lr=1.0) if find else tc.optimizer)
         precision = resolve_precision(tc.amp, device)
         scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
         net = self.network(stage)
         mixup = build_mixup(tc.mixup, tc.label_smoothing, self.num_classes)
+        if find and resume_state is None:  # a resumed stage gets its LRs back from the optimizer state
+            result = stage_range_test(self.model, net, optimizer, stage, train_loader, device, self.num_classes)
+            save_range_test(result, self.run_dir / f"lr_find_stage{k}", f"stage {k}: {stage.img_size}px")
+            lr = recommended_lr(result, f"stages.{k}.lr")
+            for group in optimizer.param_groups:
+                group["lr"] *= lr  # the placeholder 1.0 kept each group's ratio
+            self.metrics.write({"kind": "lr_find", "stage": k, "epoch": 0, "lr": lr, **result.suggestions})
+            print(f"stage {k}: lr find suggests {lr:.3g} ({result.recommendation}); {result.stop_reason}")
+        scheduler = build_scheduler(optimizer, tc.schedule, total_steps=len(train_loader) * stage.epochs)
         step = TrainStep(net, optimizer, scheduler, precision, device, mixup, tc.label_smoothing, scaler)
         if resume_state is not None:
             optimizer.load_state_dict(resume_state["optimizer"])
@@ -194,7 +247,7 @@ class StageRunner:
             f"mixup {'on' if mixup else 'off'}"
         )
 
-        def state(kind: str) -> dict[str, Any]:
+        def state() -> dict[str, Any]:
             return {
                 "state_dict": self.model.state_dict(),
                 "arch": cfg.model.arch,
@@ -206,7 +259,6 @@ class StageRunner:
                 "progress": asdict(progress),
                 "rng": rng_state(),
                 "config": cfg.raw,
-                "kind": kind,
             }
 
         ckpt_dir = self.run_dir / "checkpoints"
@@ -248,12 +300,11 @@ class StageRunner:
                     }
                 )
                 progress.seconds += progress.stage_seconds
-            paths = [ckpt_dir / "last.pt"]
-            if improved:
-                paths.append(ckpt_dir / "best.pt")
+            paths = [ckpt_dir / "best.pt"] if improved else []
             if progress.epoch == stage.epochs:
                 paths.append(ckpt_dir / f"stage{k}.pt")
-            save_checkpoint(paths, state("epoch"))
+            paths.append(ckpt_dir / "last.pt")  # last: a crash before it replays this epoch, rewriting all
+            save_checkpoint(paths, state())
         train_loader.close()
         val_loader.close()
         progress.stage, progress.epoch = k + 1, 0
@@ -279,7 +330,8 @@ class StageRunner:
                     if not math.isfinite(loss) and step.scaler is None:
                         raise UserError(
                             f"stage {k} epoch {epoch} step {j}: the loss is {loss}; training diverged. Lower "
-                            f"train.optimizer.lr and resume from {self.run_dir / 'checkpoints' / 'last.pt'}"
+                            f"the LR (stages.{k}.lr or train.optimizer.lr) and start a new run; the last good "
+                            f"weights are in {self.run_dir / 'checkpoints' / 'last.pt'}"
                         )
                     self.metrics.write(
                         {
@@ -303,6 +355,77 @@ class StageRunner:
                 pending = []
         bar.close()
         return time.perf_counter() - start, images, loss_sum / max(steps, 1)
+
+
+def stage_range_test(
+    model: torch.nn.Module,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stage: StageSpec,
+    loader: TV2Loader,
+    device: torch.device,
+    num_classes: int,
+    **kwargs,
+) -> RangeTest:
+    """The LR range test with this stage's loader, AMP, Mixup and label smoothing; leaves no trace."""
+    tc = stage.train
+    precision = resolve_precision(tc.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
+    mixup = build_mixup(tc.mixup, tc.label_smoothing, num_classes)
+    step = TrainStep(net, optimizer, None, precision, device, mixup, tc.label_smoothing, scaler)
+    passes = iter(range(10**6))
+
+    def batches():
+        loader.set_epoch(10**6 + next(passes))  # passes of their own, apart from the run's epochs
+        return loader
+
+    return find_lr(model, optimizer, step, batches, **kwargs)
+
+
+def save_range_test(result: RangeTest, prefix: Path, title: str) -> None:
+    write_csv(result, prefix.with_suffix(".csv"))
+    plot(result, prefix.with_suffix(".png"), f"LR range test, {title}")
+
+
+def recommended_lr(result: RangeTest, field: str) -> float:
+    if result.recommended is None:
+        raise UserError(
+            f"{field}: the LR range test found no usable LR ({result.stop_reason}, after {len(result.lrs)} steps); "
+            "set an LR by hand or widen the range"
+        )
+    return result.recommended
+
+
+def run_lr_find(cfg: Config, stage_index: int, out_dir: Path | None = None, **kwargs) -> tuple[RangeTest, Path]:
+    """`python -m pipeline lr-find`: the range test on one stage's exact setup, from the initial weights."""
+    if not 0 <= stage_index < len(cfg.stages):
+        raise UserError(f"--stage {stage_index}: the file has stages 0 to {len(cfg.stages) - 1}")
+    device, datasets, num_classes = prepare(cfg)
+    stage = cfg.stages[stage_index]
+    seed_everything(cfg.run.seed)
+    model = build_model(cfg.model, num_classes).to(device)
+    if stage.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = compile_model(model) if use_compile(stage, device) else model
+    loader = build_loader(
+        cfg.data,
+        datasets.train,
+        train=True,
+        img_size=stage.img_size,
+        batch_size=train_batch_size(stage),
+        device=device,
+        seed=derive_seed(cfg.run.seed, stage_index),
+        channels_last=stage.train.channels_last,
+    )
+    placeholder = replace(stage.train.optimizer, lr=1.0)  # the test sets the LR; groups keep their ratios
+    optimizer = build_optimizer(model, placeholder)
+    try:
+        result = stage_range_test(model, net, optimizer, stage, loader, device, num_classes, **kwargs)
+    finally:
+        loader.close()
+    run_dir = new_run_dir(Path(out_dir or cfg.run.out_dir), f"{cfg.run.name}-lr-find")
+    save_range_test(result, run_dir / "lr_find", f"stage {stage_index}: {stage.img_size}px, batch {stage.batch_size}")
+    return result, run_dir
 
 
 @torch.no_grad()

@@ -68,7 +68,7 @@ class TrainStep:
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
         precision: Precision,
         device: torch.device,
         mixup: Mixup | None,
@@ -96,5 +96,6 @@ class TrainStep:
         else:
             loss.backward()
             self.optimizer.step()
-        self.scheduler.step()
+        if self.scheduler is not None:  # None: the LR range test sets the LR itself
+            self.scheduler.step()
         return loss.detach()
