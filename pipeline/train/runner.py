@@ -317,43 +317,45 @@ class StageRunner:
         pending: list[tuple[int, torch.Tensor, float, float | None]] = []
         loss_sum, steps, images = 0.0, 0, 0
         start = window_start = time.perf_counter()
-        for i, (x, y) in enumerate(loader):
-            lr, momentum = current_lr_momentum(optimizer)
-            pending.append((i, step(x, y), lr, momentum))
-            images += x.shape[0]
-            if len(pending) == log_every or i == len(loader) - 1:
-                losses = torch.stack([p[1] for p in pending]).float().tolist()
-                now = time.perf_counter()
-                rate = len(pending) * x.shape[0] / (now - window_start)
-                window_start = now
-                for (j, _, lr_j, mom_j), loss in zip(pending, losses):
-                    if not math.isfinite(loss) and step.scaler is None:
-                        raise UserError(
-                            f"stage {k} epoch {epoch} step {j}: the loss is {loss}; training diverged. Lower "
-                            f"the LR (stages.{k}.lr or train.optimizer.lr) and start a new run; the last good "
-                            f"weights are in {self.run_dir / 'checkpoints' / 'last.pt'}"
+        try:
+            for i, (x, y) in enumerate(loader):
+                lr, momentum = current_lr_momentum(optimizer)
+                pending.append((i, step(x, y), lr, momentum))
+                images += x.shape[0]
+                if len(pending) == log_every or i == len(loader) - 1:
+                    losses = torch.stack([p[1] for p in pending]).float().tolist()
+                    now = time.perf_counter()
+                    rate = len(pending) * x.shape[0] / (now - window_start)
+                    window_start = now
+                    for (j, _, lr_j, mom_j), loss in zip(pending, losses):
+                        if not math.isfinite(loss) and step.scaler is None:
+                            raise UserError(
+                                f"stage {k} epoch {epoch} step {j}: the loss is {loss}; training diverged. Lower "
+                                f"the LR (stages.{k}.lr or train.optimizer.lr) and start a new run; the last good "
+                                f"weights are in {self.run_dir / 'checkpoints' / 'last.pt'}"
+                            )
+                        self.metrics.write(
+                            {
+                                "kind": "step",
+                                "stage": k,
+                                "epoch": epoch,
+                                "step": j,
+                                "lr": lr_j,
+                                "momentum": mom_j,
+                                "loss": loss,
+                                "images_per_s": round(rate, 1),
+                            }
                         )
-                    self.metrics.write(
-                        {
-                            "kind": "step",
-                            "stage": k,
-                            "epoch": epoch,
-                            "step": j,
-                            "lr": lr_j,
-                            "momentum": mom_j,
-                            "loss": loss,
-                            "images_per_s": round(rate, 1),
-                        }
-                    )
-                loss_sum += sum(losses)
-                steps += len(losses)
-                bar.update(len(pending))
-                postfix = {"loss": f"{losses[-1]:.3f}", "lr": f"{lr:.3g}", "img/s": f"{rate:.0f}"}
-                if self.device.type == "cuda":
-                    postfix["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
-                bar.set_postfix(postfix)
-                pending = []
-        bar.close()
+                    loss_sum += sum(losses)
+                    steps += len(losses)
+                    bar.update(len(pending))
+                    postfix = {"loss": f"{losses[-1]:.3f}", "lr": f"{lr:.3g}", "img/s": f"{rate:.0f}"}
+                    if self.device.type == "cuda":
+                        postfix["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
+                    bar.set_postfix(postfix)
+                    pending = []
+        finally:
+            bar.close()  # clears the bar, so an error message starts on a line of its own
         return time.perf_counter() - start, images, loss_sum / max(steps, 1)
 
 
