@@ -57,8 +57,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from pipeline.files import write_text
     from pipeline.train.runner import recommended_lr, run_lr_find
 
-    if not 0 < args.start < args.end:
-        raise UserError(f"--start {args.start:g} / --end {args.end:g}: need 0 < start < end")
+    if not 0 < args.start < args.end <= 1e4:
+        raise UserError(f"--start {args.start:g} / --end {args.end:g}: need 0 < start < end <= 1e4")
     if args.steps < 5:
         raise UserError(f"--steps {args.steps}: need at least 5")
     cfg = load_config(args.file, args.overrides)
@@ -74,14 +74,16 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     if args.apply:
         raw = cfg.raw
         stage = raw["stages"][args.stage]
-        if isinstance(stage.get("optimizer"), dict) and "lr" in stage["optimizer"]:
-            stage["optimizer"]["lr"] = float(f"{lr:.3g}")
-        else:
-            stage["lr"] = float(f"{lr:.3g}")
+        if isinstance(stage.get("optimizer"), dict):
+            stage["optimizer"].pop("lr", None)  # one spelling only, so the shortcut is what counts
+        stage["lr"] = float(f"{lr:.3g}")
         target = args.file.with_name(args.file.stem + ".lr-find.yaml")
         if target.resolve() == args.file.resolve():
             target = args.file.with_name(args.file.stem + ".lr-find-2.yaml")
-        write_text(target, yaml.safe_dump(raw, sort_keys=False))
+        try:
+            write_text(target, yaml.safe_dump(raw, sort_keys=False))
+        except OSError as e:
+            raise UserError(f"--apply: cannot write {target} ({e.strerror or e})") from None
         print(f"wrote {target} (stages.{args.stage}.lr: {lr:.3g}); train with: python -m pipeline run {target}")
     return 0
 

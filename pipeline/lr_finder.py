@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline.files import atomic_write
-from pipeline.train.checkpoint import rng_state, set_rng_state
+from pipeline.train.checkpoint import rng_state, seed_everything, set_rng_state
 
 SUGGESTIONS = ("valley", "steepest", "minimum", "edge")
 DESCENT = 0.05  # a fall of the smoothed loss by 5% of its start counts as a real descent
@@ -35,9 +35,11 @@ class RangeTest:
     @property
     def recommendation(self) -> str | None:
         """`valley` when the loss clearly fell during the test, else `edge` (from where it blew up)."""
-        if not self.smoothed:
+        lo, hi = trimmed(len(self.smoothed))
+        if hi - lo < 5:
             return None
-        fell = self.smoothed[0] - min(self.smoothed) >= DESCENT * abs(self.smoothed[0])
+        curve = self.smoothed[lo:hi]
+        fell = curve[0] - min(curve) >= DESCENT * abs(curve[0])
         name = "valley" if fell else "edge"
         return name if name in self.suggestions else None
 
@@ -107,8 +109,16 @@ def _cycle(batches: Callable[[], Iterable]) -> Iterator:
             raise ValueError("the loader yielded no batch")
 
 
+def trimmed(n: int) -> tuple[int, int]:
+    """fastai's window for suggestions: skip the first tenth (smoothing warm-up, noise) and the last
+    five points (the blow-up) when there are enough of them."""
+    return n // 10, n - 5 if n >= 20 else n
+
+
 def suggest(lrs: list[float], losses: list[float]) -> dict[str, float]:
     """Named LR suggestions from a (smoothed) loss curve; empty when the curve is too short."""
+    lo, hi = trimmed(len(losses))
+    lrs, losses = lrs[lo:hi], losses[lo:hi]
     if len(losses) < 5:
         return {}
     # The points after the minimum are the divergence: leave them out of slopes and valleys.
@@ -148,14 +158,19 @@ def find_lr(
     optimizer: torch.optim.Optimizer,
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    seed: int | None = None,
     **kwargs,
 ) -> RangeTest:
-    """`range_test`, then the model (weights, BN statistics), optimizer and RNGs put back as they were."""
+    """`range_test`, then the model (weights, BN statistics), optimizer and RNGs put back as they were.
+
+    With `seed`, the test's own draws (Mixup, dropout) are seeded, so it repeats exactly on resume."""
     model_state = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
     rng = rng_state()
     was_training = model.training
     try:
+        if seed is not None:
+            seed_everything(seed)
         model.train()
         return range_test(step, optimizer, batches, **kwargs)
     finally:

@@ -42,6 +42,20 @@ def test_batches_follow_the_contract(splits, decode_on):
     ld.close()
 
 
+def test_device_decoding_with_worker_processes(splits):
+    import signal
+
+    signal.alarm(120)  # a batch that never arrives fails the test instead of hanging it
+    try:
+        for train in (True, False):
+            ld = loader(splits.train, train=train, batch=16, decode_on="device", workers=2)
+            batches = list(ld)
+            ld.close()
+            assert len(batches) == (2 if train else 3) and batches[0][0].shape == (16, 3, 16, 16)
+    finally:
+        signal.alarm(0)
+
+
 def test_lengths_drop_last_only_for_training(splits):
     train, val = loader(splits.train, batch=6), loader(splits.val, train=False, batch=6)
     assert len(train) == 40 // 6 and train.num_samples == 36

@@ -139,11 +139,27 @@ def test_cli_writes_csv_png_and_applied_copy(tiny_config, write_yaml, tmp_path, 
     assert yaml.safe_load(applied.read_text())["stages"][0]["lr"] == pytest.approx(lr, rel=1e-2)
 
 
+def test_apply_replaces_either_spelling_and_repeats_exactly(tiny_config, write_yaml, tmp_path, capsys):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["stages"][0]["optimizer"] = {"lr": 0.2}
+    path = write_yaml(cfg)
+    args = ["lr-find", str(path), "--steps", "30", "--start", "1e-4", "--end", "100", "--apply"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    lr = float(out.split("recommended (")[1].split("lr ")[1].split(";")[0])
+    assert load_config(path.with_name("stages.lr-find.yaml")).stages[0].train.optimizer.lr == pytest.approx(
+        lr, rel=1e-2
+    )
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0  # seeded: a second test draws the same batches
+    (a,), (b,) = (tmp_path / "a").iterdir(), (tmp_path / "b").iterdir()
+    assert (a / "lr_find.csv").read_text() == (b / "lr_find.csv").read_text()
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--stage", "5"], "error: --stage 5: the file has stages 0 to 1"),
-        (["--start", "1", "--end", "0.1"], "error: --start 1 / --end 0.1: need 0 < start < end"),
+        (["--start", "1", "--end", "0.1"], "error: --start 1 / --end 0.1: need 0 < start < end <= 1e4"),
         (["--steps", "2"], "error: --steps 2: need at least 5"),
     ],
 )

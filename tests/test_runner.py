@@ -90,7 +90,8 @@ def test_weights_are_carried_across_stages(tiny_config, tmp_path, monkeypatch):
     real = runner_mod.build_optimizer
 
     def spy(model, cfg):
-        starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        if not isinstance(model, torch.nn.Linear):  # the config check builds one on a probe layer
+            starts.append({k: v.clone() for k, v in model.state_dict().items()})
         return real(model, cfg)
 
     monkeypatch.setattr(runner_mod, "build_optimizer", spy)
@@ -271,3 +272,29 @@ def test_inductor_compiled_run_matches_eager_closely(tiny_config, tmp_path):
     # same weights and batches: compiled kernels reorder float sums, so losses agree to rounding only
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-3, abs=1e-4)
+
+
+def test_checks_before_training_name_the_field(tiny_config, write_yaml, capsys):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["model"]["arch"] = "vit_tiny_patch16_224"  # a fixed 224px input
+    assert main(["run", str(write_yaml(cfg))]) == 2
+    assert capsys.readouterr().err.startswith("error: stages.0.img_size: model.arch 'vit_tiny_patch16_224' cannot")
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"]["optimizer"]["name"] = "bnbsgd"  # needs bitsandbytes and CUDA
+    assert main(["run", str(write_yaml(cfg))]) == 2
+    assert capsys.readouterr().err.startswith("error: train.optimizer.name: 'bnbsgd' cannot be used here")
+
+
+def test_resume_refuses_a_changed_dataset(tiny_config, tiny_data, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    cfg = copy.deepcopy(tiny_config)
+    cfg["data"].update(train=str(data / "train"), val=str(data / "val"))
+    run_dir = train(cfg, tmp_path)
+    capsys.readouterr()
+    for split in ("train", "val"):
+        shutil.copytree(data / split / "ring_vstripes", data / split / "star_vstripes")
+    assert main(["run", "--resume", str(run_dir)]) == 2
+    assert "error: data.train: the class folders of" in capsys.readouterr().err

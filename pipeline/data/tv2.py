@@ -142,8 +142,17 @@ def is_jpeg(data: torch.Tensor) -> bool:
 
 
 def _collate_encoded(batch):
+    """One flat uint8 tensor for the whole batch: a worker cannot hand over hundreds of small
+    tensors (one file descriptor each), and read_file's own storage cannot be shared at all."""
     data, labels, idxs, seeds = zip(*batch)
-    return list(data), torch.tensor(labels), list(idxs), list(seeds)
+    flat = torch.cat([d.reshape(-1) for d in data])
+    return (flat, [tuple(d.shape) for d in data]), torch.tensor(labels), list(idxs), list(seeds)
+
+
+def _unpack(packed: tuple[torch.Tensor, list[tuple[int, ...]]]) -> list[torch.Tensor]:
+    flat, shapes = packed
+    sizes = [math.prod(s) for s in shapes]
+    return [part.view(shape) for part, shape in zip(torch.split(flat, sizes), shapes)]
 
 
 class TV2Loader:
@@ -189,7 +198,7 @@ class TV2Loader:
             if bad:
                 self._raise_unreadable(idxs[bad[0]])
             if self.spec.decode_on == "device":
-                images = self._decode_on_device(data, idxs, seeds)
+                images = self._decode_on_device(_unpack(data), idxs, seeds)
             else:
                 images = data.to(device, non_blocking=True)
             yield self._normalize(images), labels.to(device, non_blocking=True)

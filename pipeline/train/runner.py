@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.config import Config, StageSpec
 from pipeline.data import Datasets, TV2Loader, build_loader, scan_datasets
-from pipeline.errors import ConfigError, UserError
+from pipeline.errors import ConfigError, DataError, UserError
 from pipeline.files import write_json, write_text
 from pipeline.lr_finder import RangeTest, find_lr, plot, write_csv
 from pipeline.model import build_model
@@ -100,7 +100,7 @@ def new_run_dir(out_dir: Path, name: str) -> Path:
 
 # On resume these may change; so may stages not yet started. Anything else would make the
 # checkpoint's optimizer, scheduler or weights disagree with the configuration.
-RESUME_MUTABLE = ("run.", "data.workers", "data.decode_on")
+RESUME_MUTABLE = ("run.", "data.workers", "data.decode_on", "model.pretrained")
 
 
 def check_resume_changes(saved: dict[str, Any], current: dict[str, Any], progress: Progress) -> None:
@@ -120,6 +120,49 @@ def check_resume_changes(saved: dict[str, Any], current: dict[str, Any], progres
         )
 
 
+def check_resume_data(checkpoint: dict[str, Any], datasets: Datasets, progress: Progress) -> None:
+    """The class folders, and mid-stage the training-set size, must be what the run trained on."""
+    if checkpoint["classes"] != datasets.classes:
+        raise DataError(
+            f"data.train: the class folders of {datasets.train.root} changed since the checkpoint "
+            "(classes added, removed or renamed); resume needs the same classes, or start a new run"
+        )
+    if progress.epoch > 0 and checkpoint.get("train_size", len(datasets.train)) != len(datasets.train):
+        raise DataError(
+            f"data.train: {datasets.train.root} now has {len(datasets.train)} images, the run trained on "
+            f"{checkpoint['train_size']}; resume mid-stage needs the same set (or start a new run)"
+        )
+
+
+def check_optimizers(cfg: Config, device: torch.device) -> None:
+    """Build each stage's optimizer on a dummy parameter: some need CUDA or an optional package."""
+    probe = torch.nn.Linear(2, 2).to(device)
+    for i, stage in enumerate(cfg.stages):
+        opt = stage.train.optimizer
+        try:
+            build_optimizer(probe, replace(opt, lr=1.0) if opt.lr == "find" else opt)
+        except Exception as e:
+            field = "train.optimizer.name" if opt == cfg.train.optimizer else f"stages.{i}.optimizer.name"
+            raise ConfigError(f"{field}: {opt.name!r} cannot be used here ({type(e).__name__}: {e})") from None
+
+
+def check_input_sizes(model: torch.nn.Module, cfg: Config, device: torch.device) -> None:
+    """A forward pass at each stage's size: fixed-size models (ViT at 224) fail here, not at hour 2."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, stage in enumerate(cfg.stages):
+                try:
+                    model(torch.zeros(1, 3, stage.img_size, stage.img_size, device=device))
+                except Exception as e:
+                    raise ConfigError(
+                        f"stages.{i}.img_size: model.arch {cfg.model.arch!r} cannot take {stage.img_size}px "
+                        f"input ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+                    ) from None
+    finally:
+        model.train()
+
+
 def _differences(old: Any, new: Any, path: str = ""):
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new), key=str):
@@ -136,6 +179,7 @@ def prepare(cfg: Config) -> tuple[torch.device, Datasets, int]:
     device = resolve_device(cfg.run.device)
     datasets = scan_datasets(cfg.data)
     check_stages(cfg, datasets)
+    check_optimizers(cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -147,7 +191,6 @@ def run_training(cfg: Config, out_dir: Path | None = None, resume: Path | None =
     """Train through every stage; returns the run folder. `resume`: a run folder to continue."""
     device, datasets, num_classes = prepare(cfg)
     seed_everything(cfg.run.seed)
-    model = build_model(cfg.model, num_classes).to(device)
     checkpoint = None
     progress = Progress()
     if resume is not None:
@@ -155,10 +198,14 @@ def run_training(cfg: Config, out_dir: Path | None = None, resume: Path | None =
         checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         progress = Progress(**checkpoint["progress"])
         check_resume_changes(checkpoint["config"], cfg.raw, progress)
+        check_resume_data(checkpoint, datasets, progress)
+        model = build_model(replace(cfg.model, pretrained=None), num_classes).to(device)  # weights: below
         model.load_state_dict(checkpoint["state_dict"])
         MetricsLog.keep_before(run_dir / "metrics.jsonl", progress.stage, progress.epoch)
         print(f"resuming {run_dir} at stage {progress.stage}, epoch {progress.epoch}")
     else:
+        model = build_model(cfg.model, num_classes).to(device)
+        check_input_sizes(model, cfg, device)
         run_dir = new_run_dir(Path(out_dir or cfg.run.out_dir), cfg.run.name)
     write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.raw, sort_keys=False))
     print(
@@ -227,7 +274,9 @@ class StageRunner:
         net = self.network(stage)
         mixup = build_mixup(tc.mixup, tc.label_smoothing, self.num_classes)
         if find and resume_state is None:  # a resumed stage gets its LRs back from the optimizer state
-            result = stage_range_test(self.model, net, optimizer, stage, train_loader, device, self.num_classes)
+            result = stage_range_test(
+                self.model, net, optimizer, stage, train_loader, device, self.num_classes, stage_seed
+            )
             save_range_test(result, self.run_dir / f"lr_find_stage{k}", f"stage {k}: {stage.img_size}px")
             lr = recommended_lr(result, f"stages.{k}.lr")
             for group in optimizer.param_groups:
@@ -253,6 +302,7 @@ class StageRunner:
                 "arch": cfg.model.arch,
                 "num_classes": self.num_classes,
                 "classes": self.datasets.classes,
+                "train_size": len(self.datasets.train),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
@@ -367,6 +417,7 @@ def stage_range_test(
     loader: TV2Loader,
     device: torch.device,
     num_classes: int,
+    seed: int,
     **kwargs,
 ) -> RangeTest:
     """The LR range test with this stage's loader, AMP, Mixup and label smoothing; leaves no trace."""
@@ -381,7 +432,7 @@ def stage_range_test(
         loader.set_epoch(10**6 + next(passes))  # passes of their own, apart from the run's epochs
         return loader
 
-    return find_lr(model, optimizer, step, batches, **kwargs)
+    return find_lr(model, optimizer, step, batches, seed=derive_seed(seed, 2**31), **kwargs)
 
 
 def save_range_test(result: RangeTest, prefix: Path, title: str) -> None:
@@ -409,6 +460,8 @@ def run_lr_find(cfg: Config, stage_index: int, out_dir: Path | None = None, **kw
     if stage.train.channels_last:
         model.to(memory_format=torch.channels_last)
     net = compile_model(model) if use_compile(stage, device) else model
+    stage_seed = derive_seed(cfg.run.seed, stage_index)
+    run_dir = new_run_dir(Path(out_dir or cfg.run.out_dir), f"{cfg.run.name}-lr-find")  # before: fail early
     loader = build_loader(
         cfg.data,
         datasets.train,
@@ -416,16 +469,15 @@ def run_lr_find(cfg: Config, stage_index: int, out_dir: Path | None = None, **kw
         img_size=stage.img_size,
         batch_size=train_batch_size(stage),
         device=device,
-        seed=derive_seed(cfg.run.seed, stage_index),
+        seed=stage_seed,
         channels_last=stage.train.channels_last,
     )
     placeholder = replace(stage.train.optimizer, lr=1.0)  # the test sets the LR; groups keep their ratios
     optimizer = build_optimizer(model, placeholder)
     try:
-        result = stage_range_test(model, net, optimizer, stage, loader, device, num_classes, **kwargs)
+        result = stage_range_test(model, net, optimizer, stage, loader, device, num_classes, stage_seed, **kwargs)
     finally:
         loader.close()
-    run_dir = new_run_dir(Path(out_dir or cfg.run.out_dir), f"{cfg.run.name}-lr-find")
     save_range_test(result, run_dir / "lr_find", f"stage {stage_index}: {stage.img_size}px, batch {stage.batch_size}")
     return result, run_dir
 
