@@ -40,8 +40,10 @@ class RangeTest:
             return None
         curve = self.smoothed[lo:hi]
         fell = curve[0] - min(curve) >= DESCENT * abs(curve[0])
-        name = "valley" if fell else "edge"
-        return name if name in self.suggestions else None
+        for name in ("valley",) if fell else ("edge", "valley"):  # valley if the loss never blew up
+            if name in self.suggestions:
+                return name
+        return None
 
     @property
     def recommended(self) -> float | None:
@@ -118,19 +120,19 @@ def trimmed(n: int) -> tuple[int, int]:
 def suggest(lrs: list[float], losses: list[float]) -> dict[str, float]:
     """Named LR suggestions from a (smoothed) loss curve; empty when the curve is too short."""
     lo, hi = trimmed(len(losses))
-    lrs, losses = lrs[lo:hi], losses[lo:hi]
-    if len(losses) < 5:
+    if hi - lo < 5:
         return {}
+    window = losses[lo:hi]
     # The points after the minimum are the divergence: leave them out of slopes and valleys.
-    stop = min(range(len(losses)), key=losses.__getitem__)
+    stop = lo + min(range(len(window)), key=window.__getitem__)
     xs = [math.log10(lr) for lr in lrs]
     out = {"minimum": lrs[stop] / 10}  # fastai's "minimum": a tenth of the LR at the lowest loss
-    if stop >= 2:
-        slopes = [(losses[i + 1] - losses[i - 1]) / (xs[i + 1] - xs[i - 1]) for i in range(1, stop)]
-        out["steepest"] = lrs[1 + min(range(len(slopes)), key=slopes.__getitem__)]
-    out["valley"] = lrs[_valley(losses[: stop + 1])]
-    # "edge": a third of the LR where the loss climbs 10% over its minimum (where it blows up),
-    # the usable peak for OneCycle when the test is too short to show a descent (from-scratch models)
+    if stop - lo >= 2:
+        slopes = {i: (losses[i + 1] - losses[i - 1]) / (xs[i + 1] - xs[i - 1]) for i in range(lo + 1, stop)}
+        out["steepest"] = lrs[min(slopes, key=slopes.__getitem__)]
+    out["valley"] = lrs[lo + _valley(losses[lo : stop + 1])]
+    # "edge": a third of the LR where the loss climbs 10% over its minimum (where it blows up, so the
+    # whole tail counts), the usable OneCycle peak when the test is too short to show a descent
     rising = [i for i in range(stop, len(losses)) if losses[i] > 1.1 * losses[stop]]
     if rising:
         out["edge"] = lrs[rising[0]] / 3
