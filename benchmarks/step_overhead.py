@@ -27,7 +27,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.train.runner import StageRunner, resolve_device, train_batch_size  # noqa: E402
 from pipeline.train.schedule import build_optimizer, build_scheduler  # noqa: E402
-from pipeline.train.step import TrainStep, build_mixup, resolve_precision  # noqa: E402
+from pipeline.train.step import build_train_step, resolve_precision  # noqa: E402
 
 
 class InMemoryLoader:
@@ -98,8 +98,7 @@ def main() -> None:
             net = runner.network(stage)
             optimizer = build_optimizer(model, tc.optimizer)
             scheduler = build_scheduler(optimizer, tc.schedule, total_steps=args.batches + 2)
-            mixup = build_mixup(tc.mixup, tc.label_smoothing, num_classes)
-            step = TrainStep(net, optimizer, scheduler, precision, device, mixup, tc.label_smoothing)
+            step = build_train_step(net, optimizer, scheduler, tc, device, num_classes)
             for x, y in batches[:2]:  # warm-up (and compilation, when on)
                 step(x, y)
             sync(device)

@@ -18,7 +18,6 @@ import torch
 from pipeline.files import atomic_write
 from pipeline.train.checkpoint import rng_state, seed_everything, set_rng_state
 
-SUGGESTIONS = ("valley", "steepest", "minimum", "edge")
 DESCENT = 0.05  # a fall of the smoothed loss by 5% of its start counts as a real descent
 
 

@@ -25,7 +25,7 @@ from pipeline.model import build_model
 from pipeline.report import MetricsLog, epoch_bar, format_summary
 from pipeline.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything
 from pipeline.train.schedule import build_optimizer, build_scheduler, current_lr_momentum
-from pipeline.train.step import Precision, TrainStep, build_mixup, compile_model, resolve_precision
+from pipeline.train.step import Precision, TrainStep, build_train_step, compile_model
 
 
 @dataclass
@@ -269,10 +269,7 @@ class StageRunner:
             self.model.to(memory_format=torch.channels_last)
         find = tc.optimizer.lr == "find"
         optimizer = build_optimizer(self.model, replace(tc.optimizer, lr=1.0) if find else tc.optimizer)
-        precision = resolve_precision(tc.amp, device)
-        scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
         net = self.network(stage)
-        mixup = build_mixup(tc.mixup, tc.label_smoothing, self.num_classes)
         if find and resume_state is None:  # a resumed stage gets its LRs back from the optimizer state
             result = stage_range_test(
                 self.model, net, optimizer, stage, train_loader, device, self.num_classes, stage_seed
@@ -284,7 +281,8 @@ class StageRunner:
             self.metrics.write({"kind": "lr_find", "stage": k, "epoch": 0, "lr": lr, **result.suggestions})
             print(f"stage {k}: lr find suggests {lr:.3g} ({result.recommendation}); {result.stop_reason}")
         scheduler = build_scheduler(optimizer, tc.schedule, total_steps=len(train_loader) * stage.epochs)
-        step = TrainStep(net, optimizer, scheduler, precision, device, mixup, tc.label_smoothing, scaler)
+        step = build_train_step(net, optimizer, scheduler, tc, device, self.num_classes)
+        precision, scaler = step.precision, step.scaler
         if resume_state is not None:
             optimizer.load_state_dict(resume_state["optimizer"])
             scheduler.load_state_dict(resume_state["scheduler"])
@@ -293,7 +291,7 @@ class StageRunner:
         print(
             f"stage {k}: {stage.img_size}px, batch {train_loader.batch_size}, {stage.epochs} epochs x "
             f"{len(train_loader)} steps; amp {precision.name}, compile {'on' if net is not self.model else 'off'}, "
-            f"mixup {'on' if mixup else 'off'}"
+            f"mixup {'on' if step.mixup else 'off'}"
         )
 
         def state() -> dict[str, Any]:
@@ -421,11 +419,7 @@ def stage_range_test(
     **kwargs,
 ) -> RangeTest:
     """The LR range test with this stage's loader, AMP, Mixup and label smoothing; leaves no trace."""
-    tc = stage.train
-    precision = resolve_precision(tc.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
-    mixup = build_mixup(tc.mixup, tc.label_smoothing, num_classes)
-    step = TrainStep(net, optimizer, None, precision, device, mixup, tc.label_smoothing, scaler)
+    step = build_train_step(net, optimizer, None, stage.train, device, num_classes)
     passes = iter(range(10**6))
 
     def batches():

@@ -11,7 +11,7 @@ import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
-from pipeline.config import MixupConfig
+from pipeline.config import MixupConfig, TrainConfig
 
 COMPILE_BACKEND = "inductor"  # tests swap in a counting backend
 
@@ -99,3 +99,18 @@ class TrainStep:
         if self.scheduler is not None:  # None: the LR range test sets the LR itself
             self.scheduler.step()
         return loss.detach()
+
+
+def build_train_step(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    cfg: TrainConfig,
+    device: torch.device,
+    num_classes: int,
+) -> TrainStep:
+    """The step a stage's training settings describe: precision, GradScaler (fp16 only), Mixup."""
+    precision = resolve_precision(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
+    mixup = build_mixup(cfg.mixup, cfg.label_smoothing, num_classes)
+    return TrainStep(net, optimizer, scheduler, precision, device, mixup, cfg.label_smoothing, scaler)
