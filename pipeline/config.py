@@ -82,7 +82,7 @@ class RunConfig:
 class DataConfig:
     train: str = "demo"
     val: str = "demo"
-    backend: Literal["tv2"] = "tv2"
+    backend: Literal["tv2", "dali"] = "tv2"
     workers: int | Literal["auto"] = checked("auto", workers_check)
     decode_on: Literal["auto", "workers", "device"] = "auto"  # auto: device (nvJPEG) on CUDA
     scale: tuple[float, float] = checked((0.35, 1.0), scale_check)  # RandomResizedCrop area range

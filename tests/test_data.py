@@ -1,7 +1,9 @@
-"""The tv2 loader contract: shapes, dtype, layout, values, lengths, per-sample randomness, odd files."""
+"""The loader contract, for both backends: shapes, dtype, layout, values, lengths, per-sample
+randomness, odd files. DALI-only behaviour (shards, rebuilds, decode errors) is in test_dali.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 
 import numpy as np
@@ -12,10 +14,18 @@ from PIL import Image
 from pipeline.config import DataConfig
 from pipeline.data import build_loader, scan_datasets
 from pipeline.data.folder import read_image, scan_image_folder
-from pipeline.data.tv2 import IMAGENET_MEAN, IMAGENET_STD, EpochSampler, LoaderSpec
+from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec
+from pipeline.data.tv2 import EpochSampler
 from pipeline.errors import DataError
 
 CPU = torch.device("cpu")
+HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
+# tv2 in both decode modes, and DALI (CPU) where installed
+LOADERS = [
+    pytest.param({"decode_on": "workers"}, id="tv2-workers"),
+    pytest.param({"decode_on": "device"}, id="tv2-device"),
+    pytest.param({"backend": "dali"}, id="dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="DALI not installed")),
+]
 
 
 def loader(index, train=True, size=16, batch=8, **data):
@@ -28,9 +38,10 @@ def splits(tiny_data):
     return scan_datasets(DataConfig(train=str(tiny_data / "train"), val=str(tiny_data / "val")))
 
 
-@pytest.mark.parametrize("decode_on", ["workers", "device"])
-def test_batches_follow_the_contract(splits, decode_on):
-    ld = loader(splits.train, decode_on=decode_on)
+@pytest.mark.parametrize("kind", LOADERS)
+@pytest.mark.parametrize("train", [True, False])
+def test_batches_follow_the_contract(splits, kind, train):
+    ld = loader(splits.train, train=train, **kind)
     x, y = next(iter(ld))
     assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
@@ -56,23 +67,28 @@ def test_device_decoding_with_worker_processes(splits):
         signal.alarm(0)
 
 
-def test_lengths_drop_last_only_for_training(splits):
-    train, val = loader(splits.train, batch=6), loader(splits.val, train=False, batch=6)
+@pytest.mark.parametrize("kind", LOADERS)
+def test_lengths_drop_last_only_for_training(splits, kind):
+    train, val = loader(splits.train, batch=6, **kind), loader(splits.val, train=False, batch=6, **kind)
     assert len(train) == 40 // 6 and train.num_samples == 36
     assert sum(y.numel() for _, y in train) == 36
     assert len(val) == 4 and val.num_samples == 20
     assert sum(y.numel() for _, y in val) == 20  # every validation sample exactly once
+    assert sum(y.numel() for _, y in train) == 36  # and again: the next epoch has the same length
+    train.close(), val.close()
 
 
-def test_labels_match_class_folders(splits):
-    ld = loader(splits.val, train=False, batch=20)
+@pytest.mark.parametrize("kind", LOADERS)
+def test_labels_match_class_folders(splits, kind):
+    ld = loader(splits.val, train=False, batch=20, **kind)
     _, y = next(iter(ld))
     expected = [label for _, label in splits.val.samples]
     assert y.tolist() == expected
     assert splits.val.classes[expected[0]] == splits.val.samples[0][0].split("/")[-2]
 
 
-def test_crops_are_drawn_per_sample_not_per_batch(tmp_path):
+@pytest.mark.parametrize("kind", LOADERS)
+def test_crops_are_drawn_per_sample_not_per_batch(tmp_path, kind):
     # one image repeated: any difference inside a batch comes from per-sample augmentation
     src = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
     for c in ("a", "b"):
@@ -80,10 +96,9 @@ def test_crops_are_drawn_per_sample_not_per_batch(tmp_path):
         for i in range(8):
             Image.fromarray(src).save(tmp_path / c / f"{i}.png")
     index = scan_image_folder(tmp_path, "data.train")
-    for decode_on in ("workers", "device"):
-        x, _ = next(iter(loader(index, batch=16, decode_on=decode_on)))
-        distinct = {tuple(v.flatten()[:64].tolist()) for v in x}
-        assert len(distinct) >= 12, decode_on
+    x, _ = next(iter(loader(index, batch=16, **kind)))
+    distinct = {tuple(v.flatten()[:64].tolist()) for v in x}
+    assert len(distinct) >= 12
 
 
 def test_augmentation_is_seeded_and_independent_of_workers(splits):
@@ -146,12 +161,12 @@ def test_animated_gif_is_scanned_and_gives_its_first_frame(tmp_path):
     assert img.shape == (3, 10, 20) and img[0].float().mean() > 200 and img[2].float().mean() < 50
 
 
-@pytest.mark.parametrize("decode_on", ["workers", "device"])
-def test_mixed_formats_batch_together(tmp_path, decode_on):
+@pytest.mark.parametrize("kind", LOADERS)
+def test_mixed_formats_batch_together(tmp_path, kind):
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
         _odd_images(tmp_path / c)
-    x, y = next(iter(loader(scan_image_folder(tmp_path, "data.train"), batch=10, decode_on=decode_on)))
+    x, y = next(iter(loader(scan_image_folder(tmp_path, "data.train"), batch=10, **kind)))
     assert x.shape == (10, 3, 16, 16) and sorted(y.tolist()) == [0] * 5 + [1] * 5
 
 
@@ -162,15 +177,15 @@ def test_odd_image_modes_become_rgb(tmp_path):
         assert img.shape == (3, 30, 40) and img.dtype == torch.uint8, f.name
 
 
-@pytest.mark.parametrize("decode_on", ["workers", "device"])
-def test_unreadable_file_is_named(tmp_path, decode_on):
+@pytest.mark.parametrize("kind", LOADERS)
+def test_unreadable_file_is_named(tmp_path, kind):
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
         _odd_images(tmp_path / c)
     (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     index = scan_image_folder(tmp_path, "data.train")
-    with pytest.raises(DataError, match=r"b/broken\.jpg: cannot decode image"):
-        for _ in loader(index, train=False, batch=4, decode_on=decode_on):
+    with pytest.raises(DataError, match=r"b/broken\.jpg: (DALI )?cannot decode (this )?image"):
+        for _ in loader(index, train=False, batch=4, **kind):
             pass
 
 

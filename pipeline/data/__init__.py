@@ -13,10 +13,13 @@ import torch
 from pipeline.config import DataConfig
 from pipeline.data.demo import demo_root
 from pipeline.data.folder import ImageFolderIndex, scan_image_folder
-from pipeline.data.tv2 import LoaderSpec, TV2Loader
-from pipeline.errors import DataError
+from pipeline.data.spec import Loader, LoaderSpec
+from pipeline.data.tv2 import TV2Loader
+from pipeline.errors import ConfigError, DataError
 
-__all__ = ["Datasets", "LoaderSpec", "TV2Loader", "build_loader", "scan_datasets"]
+__all__ = ["Datasets", "Loader", "LoaderSpec", "build_loader", "require_backend", "scan_datasets"]
+
+DALI_INSTALL = "pip install -e '.[dali]' (CUDA 13 driver; nvidia-dali-cuda120 for CUDA 12)"
 
 
 class Datasets:
@@ -64,9 +67,10 @@ def build_loader(
     channels_last: bool = True,
     rank: int = 0,
     world_size: int = 1,
-) -> TV2Loader:
+) -> Loader:
     """A loader for one split and one stage. Training: shuffled per epoch, per-sample crops, last
     partial batch dropped; validation: every sample once, in order, resize + centre crop."""
+    require_backend(cfg.backend)
     decode_on = cfg.decode_on
     if decode_on == "auto":
         decode_on = "device" if device.type == "cuda" else "workers"
@@ -86,4 +90,17 @@ def build_loader(
         rank=rank,
         world_size=world_size,
     )
+    if cfg.backend == "dali":
+        from pipeline.data.dali import DALILoader
+
+        return DALILoader(index, spec)
     return TV2Loader(index, spec)
+
+
+def require_backend(backend: str) -> None:
+    """Fail before any training when the chosen backend's package is not installed."""
+    if backend == "dali":
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"data.backend: dali needs NVIDIA DALI, which is not installed: {DALI_INSTALL}") from None

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
@@ -18,39 +16,8 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.data.folder import ImageFolderIndex, read_image
+from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, sample_seeds, shard_bounds
 from pipeline.errors import DataError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class LoaderSpec:
-    """What one loader is built for: a split, a stage's size and batch, a device and a shard."""
-
-    img_size: int
-    batch_size: int
-    train: bool
-    device: torch.device
-    seed: int
-    workers: int = 0
-    decode_on: str = "workers"  # workers | device
-    channels_last: bool = True
-    scale: tuple[float, float] = (0.35, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    crop_pct: float = 0.875
-    rank: int = 0
-    world_size: int = 1
-
-
-def sample_seeds(seed: int, epoch: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The epoch's sample order and one augmentation seed per position, from (seed, epoch) alone."""
-    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint64)
-    g = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
-    order = torch.randperm(n, generator=g)
-    seeds = torch.randint(0, 2**62, (n,), generator=g)
-    return order, seeds
 
 
 class EpochSampler(Sampler):
@@ -73,8 +40,7 @@ class EpochSampler(Sampler):
         if spec.train:
             per_rank = self.n // spec.world_size
             return torch.arange(spec.rank, per_rank * spec.world_size, spec.world_size)
-        bounds = [self.n * r // spec.world_size for r in range(spec.world_size + 1)]
-        return torch.arange(bounds[spec.rank], bounds[spec.rank + 1])
+        return torch.arange(*shard_bounds(self.n, spec.rank, spec.world_size))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order, seeds = sample_seeds(self.spec.seed, self.epoch, self.n)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import yaml
 
 from pipeline.config import Config, StageSpec
-from pipeline.data import Datasets, TV2Loader, build_loader, scan_datasets
+from pipeline.data import Datasets, Loader, build_loader, require_backend, scan_datasets
 from pipeline.errors import ConfigError, DataError, UserError
 from pipeline.files import write_json, write_text
 from pipeline.lr_finder import RangeTest, find_lr, plot, write_csv
@@ -177,6 +177,7 @@ def _differences(old: Any, new: Any, path: str = ""):
 def prepare(cfg: Config) -> tuple[torch.device, Datasets, int]:
     """Device, scanned datasets and class count; every user error surfaces here, before training."""
     device = resolve_device(cfg.run.device)
+    require_backend(cfg.data.backend)
     datasets = scan_datasets(cfg.data)
     check_stages(cfg, datasets)
     check_optimizers(cfg, device)
@@ -358,7 +359,7 @@ class StageRunner:
         progress.stage, progress.epoch = k + 1, 0
         progress.stage_seconds, progress.stage_images = 0.0, 0
 
-    def train_epoch(self, k: int, epoch: int, stage: StageSpec, step: TrainStep, loader: TV2Loader, optimizer):
+    def train_epoch(self, k: int, epoch: int, stage: StageSpec, step: TrainStep, loader: Loader, optimizer):
         """One pass over the loader; metrics are flushed every `log_every` steps (one sync each)."""
         log_every = self.cfg.run.log_every
         bar = epoch_bar(len(loader), f"stage {k} {stage.img_size}px epoch {epoch + 1}/{stage.epochs}")
@@ -412,7 +413,7 @@ def stage_range_test(
     net: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     stage: StageSpec,
-    loader: TV2Loader,
+    loader: Loader,
     device: torch.device,
     num_classes: int,
     seed: int,
@@ -477,7 +478,7 @@ def run_lr_find(cfg: Config, stage_index: int, out_dir: Path | None = None, **kw
 
 
 @torch.no_grad()
-def evaluate(net: torch.nn.Module, loader: TV2Loader, precision: Precision, device: torch.device) -> dict[str, float]:
+def evaluate(net: torch.nn.Module, loader: Loader, precision: Precision, device: torch.device) -> dict[str, float]:
     """Loss, top-1 and top-5 (percent) over every validation sample exactly once."""
     net.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
