@@ -27,7 +27,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.train.runner import StageRunner, resolve_device, train_batch_size  # noqa: E402
 from pipeline.train.schedule import build_optimizer, build_scheduler  # noqa: E402
-from pipeline.train.step import build_train_step, resolve_precision  # noqa: E402
+from pipeline.train.step import build_train_step, resolve_precision, synchronize  # noqa: E402
 
 
 class InMemoryLoader:
@@ -51,11 +51,6 @@ def minimal_loop(model, optimizer, batches, precision, device) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -101,10 +96,10 @@ def main() -> None:
             step = build_train_step(net, optimizer, scheduler, tc, device, num_classes)
             for x, y in batches[:2]:  # warm-up (and compilation, when on)
                 step(x, y)
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             runner.train_epoch(k, 0, stage, step, InMemoryLoader(batches), optimizer)
-            sync(device)
+            synchronize(device)
             return time.perf_counter() - start
 
         def run_minimal() -> float:
@@ -118,10 +113,10 @@ def main() -> None:
                 nesterov=tc.optimizer.nesterov,
             )
             minimal_loop(net, optimizer, batches[:2], precision, device)
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             minimal_loop(net, optimizer, batches, precision, device)
-            sync(device)
+            synchronize(device)
             return time.perf_counter() - start
 
         images = bs * args.batches

@@ -9,6 +9,8 @@ import pytest
 import torch
 import yaml
 
+from pipeline.config import DataConfig
+from pipeline.data import Loader, build_loader
 from pipeline.data.demo import make_demo_dataset
 
 torch.set_num_threads(2)
@@ -28,6 +30,25 @@ TINY_CONFIG = {
         {"img_size": 24, "batch_size": 6, "epochs": 1, "mixup": "off"},
     ],
 }
+
+
+def make_loader(
+    index, train=True, size=16, batch=8, seed=0, rank=0, world_size=1, channels_last=True, **data
+) -> Loader:
+    """A CPU loader over `index`; `data` sets DataConfig keys (backend, workers, decode_on, ...)."""
+    cfg = DataConfig(**{"workers": 0, **data})
+    return build_loader(
+        cfg,
+        index,
+        train=train,
+        img_size=size,
+        batch_size=batch,
+        device=torch.device("cpu"),
+        seed=seed,
+        channels_last=channels_last,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 @pytest.fixture(scope="session")

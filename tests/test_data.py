@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data import build_loader, scan_datasets
+from pipeline.data import scan_datasets
 from pipeline.data.folder import read_image, scan_image_folder
 from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec
 from pipeline.data.tv2 import EpochSampler
 from pipeline.errors import DataError
+
+from conftest import make_loader
 
 CPU = torch.device("cpu")
 HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
@@ -28,11 +30,6 @@ LOADERS = [
 ]
 
 
-def loader(index, train=True, size=16, batch=8, **data):
-    cfg = DataConfig(**{"workers": 0, **data})
-    return build_loader(cfg, index, train=train, img_size=size, batch_size=batch, device=CPU, seed=0)
-
-
 @pytest.fixture(scope="module")
 def splits(tiny_data):
     return scan_datasets(DataConfig(train=str(tiny_data / "train"), val=str(tiny_data / "val")))
@@ -41,7 +38,7 @@ def splits(tiny_data):
 @pytest.mark.parametrize("kind", LOADERS)
 @pytest.mark.parametrize("train", [True, False])
 def test_batches_follow_the_contract(splits, kind, train):
-    ld = loader(splits.train, train=train, **kind)
+    ld = make_loader(splits.train, train=train, **kind)
     x, y = next(iter(ld))
     assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
@@ -59,7 +56,7 @@ def test_device_decoding_with_worker_processes(splits):
     signal.alarm(120)  # a batch that never arrives fails the test instead of hanging it
     try:
         for train in (True, False):
-            ld = loader(splits.train, train=train, batch=16, decode_on="device", workers=2)
+            ld = make_loader(splits.train, train=train, batch=16, decode_on="device", workers=2)
             batches = list(ld)
             ld.close()
             assert len(batches) == (2 if train else 3) and batches[0][0].shape == (16, 3, 16, 16)
@@ -69,7 +66,7 @@ def test_device_decoding_with_worker_processes(splits):
 
 @pytest.mark.parametrize("kind", LOADERS)
 def test_lengths_drop_last_only_for_training(splits, kind):
-    train, val = loader(splits.train, batch=6, **kind), loader(splits.val, train=False, batch=6, **kind)
+    train, val = make_loader(splits.train, batch=6, **kind), make_loader(splits.val, train=False, batch=6, **kind)
     assert len(train) == 40 // 6 and train.num_samples == 36
     assert sum(y.numel() for _, y in train) == 36
     assert len(val) == 4 and val.num_samples == 20
@@ -80,7 +77,7 @@ def test_lengths_drop_last_only_for_training(splits, kind):
 
 @pytest.mark.parametrize("kind", LOADERS)
 def test_labels_match_class_folders(splits, kind):
-    ld = loader(splits.val, train=False, batch=20, **kind)
+    ld = make_loader(splits.val, train=False, batch=20, **kind)
     _, y = next(iter(ld))
     expected = [label for _, label in splits.val.samples]
     assert y.tolist() == expected
@@ -96,28 +93,32 @@ def test_crops_are_drawn_per_sample_not_per_batch(tmp_path, kind):
         for i in range(8):
             Image.fromarray(src).save(tmp_path / c / f"{i}.png")
     index = scan_image_folder(tmp_path, "data.train")
-    x, _ = next(iter(loader(index, batch=16, **kind)))
+    x, _ = next(iter(make_loader(index, batch=16, **kind)))
     distinct = {tuple(v.flatten()[:64].tolist()) for v in x}
     assert len(distinct) >= 12
 
 
-def test_augmentation_is_seeded_and_independent_of_workers(splits):
-    a = [x for x, _ in loader(splits.train, workers=0)]
-    b = [x for x, _ in loader(splits.train, workers=2)]
+@pytest.mark.parametrize("kind", [LOADERS[0], LOADERS[2]])
+def test_augmentation_is_seeded_and_independent_of_workers(splits, kind):
+    fewest = 1 if kind.get("backend") == "dali" else 0  # tv2: worker processes (0: none); DALI: threads
+    a = [x for x, _ in make_loader(splits.train, workers=fewest, **kind)]
+    b = [x for x, _ in make_loader(splits.train, workers=2, **kind)]
     assert len(a) == len(b) == 5
     assert all(torch.equal(u, v) for u, v in zip(a, b))
-    ld = loader(splits.train)
+    ld = make_loader(splits.train, **kind)
     ld.set_epoch(1)
     c = [x for x, _ in ld]
     assert not torch.equal(a[0], c[0])  # a new epoch draws a new order and new crops
+    d = [x for x, _ in make_loader(splits.train, seed=1, **kind)]
+    assert not torch.equal(a[0], d[0])  # and so does another seed
     ld.close()
 
 
 @pytest.mark.parametrize("train", [True, False])
 def test_workers_mode_and_device_mode_agree(splits, train):
     # the same crop boxes are drawn from the same seeds; on CPU both decode with libjpeg
-    a = list(loader(splits.train if train else splits.val, train=train, decode_on="workers"))
-    b = list(loader(splits.train if train else splits.val, train=train, decode_on="device"))
+    a = list(make_loader(splits.train if train else splits.val, train=train, decode_on="workers"))
+    b = list(make_loader(splits.train if train else splits.val, train=train, decode_on="device"))
     assert len(a) == len(b) > 0
     for (xa, ya), (xb, yb) in zip(a, b):
         assert torch.equal(ya, yb) and (xa - xb).abs().max() < 1e-4
@@ -133,7 +134,7 @@ def test_sampler_shards_cover_the_dataset_once():
 
 
 def test_close_stops_workers(splits):
-    ld = loader(splits.train, workers=1)
+    ld = make_loader(splits.train, workers=1)
     next(iter(ld))
     workers = ld._loader._iterator._workers
     assert all(w.is_alive() for w in workers)
@@ -166,7 +167,7 @@ def test_mixed_formats_batch_together(tmp_path, kind):
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
         _odd_images(tmp_path / c)
-    x, y = next(iter(loader(scan_image_folder(tmp_path, "data.train"), batch=10, **kind)))
+    x, y = next(iter(make_loader(scan_image_folder(tmp_path, "data.train"), batch=10, **kind)))
     assert x.shape == (10, 3, 16, 16) and sorted(y.tolist()) == [0] * 5 + [1] * 5
 
 
@@ -185,7 +186,7 @@ def test_unreadable_file_is_named(tmp_path, kind):
     (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     index = scan_image_folder(tmp_path, "data.train")
     with pytest.raises(DataError, match=r"b/broken\.jpg: (DALI )?cannot decode (this )?image"):
-        for _ in loader(index, train=False, batch=4, **kind):
+        for _ in make_loader(index, train=False, batch=4, **kind):
             pass
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import subprocess
 import sys
@@ -21,6 +22,10 @@ from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.runner import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = [
+    "tv2",
+    pytest.param("dali", marks=pytest.mark.skipif(not importlib.util.find_spec("nvidia.dali"), reason="no DALI")),
+]
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
@@ -107,8 +112,10 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("saves_before_kill", [1, 2])  # mid-stage (stage 0, epoch 1) and at a stage boundary
-def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch, saves_before_kill):
+def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch, saves_before_kill, backend):
+    tiny_config["data"]["backend"] = backend
     reference = train(tiny_config, tmp_path / "a")
     final = load_checkpoint(reference / "checkpoints" / "last.pt")["state_dict"]
 

@@ -102,5 +102,10 @@ def require_backend(backend: str) -> None:
     if backend == "dali":
         try:
             import nvidia.dali  # noqa: F401
-        except ImportError:
+        except ModuleNotFoundError:
             raise ConfigError(f"data.backend: dali needs NVIDIA DALI, which is not installed: {DALI_INSTALL}") from None
+        except Exception as e:  # noqa: BLE001 - a wheel for another CUDA version or platform
+            raise ConfigError(
+                f"data.backend: dali: NVIDIA DALI is installed but does not import ({type(e).__name__}: {e}); "
+                f"install the wheel for this machine's CUDA driver: {DALI_INSTALL}"
+            ) from None

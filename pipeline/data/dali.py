@@ -13,7 +13,6 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import torch
@@ -51,6 +50,7 @@ class DALILoader:
         self._shard = shard_bounds(self._n, spec.rank, spec.world_size)
         self._pipe: Pipeline | None = None
         self._iterator: DALIGenericIterator | None = None
+        self._epoch_token: object | None = None  # which generator owns the current pipeline
         self._closed = False
 
     def __len__(self) -> int:
@@ -78,36 +78,44 @@ class DALILoader:
             raise RuntimeError("loader used after close()")
         self._release()  # an epoch left unfinished (the LR range test stops early)
         files, labels = self.epoch_files()
-        self._pipe = self._build_pipeline(files, labels)
-        try:
-            self._iterator = DALIGenericIterator(
-                self._pipe,
-                ["images", "labels"],
-                reader_name=READER,
-                last_batch_policy=LastBatchPolicy.DROP if self.spec.train else LastBatchPolicy.PARTIAL,
-                prepare_first_batch=False,
-            )
-        except RuntimeError as e:
-            self._release()
-            self._raise_decode_error(e, files, 0)
-        return self._batches(files)
+        pipe = self._build_pipeline(files, labels)
+        iterator = DALIGenericIterator(
+            pipe,
+            ["images", "labels"],
+            reader_name=READER,
+            last_batch_policy=LastBatchPolicy.DROP if self.spec.train else LastBatchPolicy.PARTIAL,
+            prepare_first_batch=False,  # nothing runs before the first batch is asked for
+        )
+        self._pipe, self._iterator, self._epoch_token = pipe, iterator, object()
+        return self._batches(self._epoch_token, files)
 
-    def _batches(self, files: list[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, token: object, files: list[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # holds no reference to the pipeline, so close() frees it even while this generator is suspended
         device = self.spec.device
-        for i in range(len(self)):
-            try:
-                out = next(self._iterator, None)
-            except RuntimeError as e:
+        try:
+            for i in range(len(self)):
+                if self._epoch_token is not token:
+                    raise RuntimeError("DALI loader closed or restarted while an epoch was being read")
+                try:
+                    out = next(self._iterator, None)
+                except RuntimeError as e:
+                    bad = self._find_undecodable(files, i, str(e))
+                    if bad is None:
+                        raise  # not a file's fault: a bug or the environment, with DALI's own traceback
+                    path, reason = bad
+                    raise DataError(
+                        f"{path}: DALI cannot decode this image ({reason}); "
+                        "fix or remove the file, or use data.backend: tv2"
+                    ) from None
+                if out is None:
+                    raise RuntimeError(f"DALI ended the epoch after {i} of {len(self)} batches")
+                images, labels = out[0]["images"], out[0]["labels"]
+                # DALI writes NHWC: viewed as NCHW it is channels_last with no copy
+                images = images.permute(0, 3, 1, 2) if self.spec.channels_last else images
+                yield images.to(device, non_blocking=True), labels.view(-1).to(device, torch.int64)
+        finally:
+            if self._epoch_token is token:
                 self._release()
-                self._raise_decode_error(e, files, i)
-            if out is None:
-                raise RuntimeError(f"DALI ended the epoch after {i} of {len(self)} batches")
-            out = out[0]
-            images = out["images"]
-            # DALI writes NHWC: viewed as NCHW it is channels_last with no copy
-            images = images.permute(0, 3, 1, 2) if self.spec.channels_last else images
-            yield images.to(device, non_blocking=True), out["labels"].view(-1).to(device, torch.int64)
-        self._release()
 
     def _build_pipeline(self, files: list[str], labels: list[int]) -> Pipeline:
         spec = self.spec
@@ -152,8 +160,10 @@ class DALILoader:
                 images = fn.resize(images, resize_shorter=math.floor(size / spec.crop_pct), antialias=True)
                 crop = {"crop": [size, size]}
             if cuda and decoder == "cpu":
-                images, label = images.gpu(), label.gpu()  # uint8 at the stage size: the smallest copy
-            elif cuda:
+                if not spec.train:  # crop before the copy: only the stage-size image crosses
+                    images, crop = fn.crop(images, crop=[size, size]), {}
+                images = images.gpu()  # uint8: a quarter of the float batch
+            if cuda:
                 label = label.gpu()
             images = fn.crop_mirror_normalize(
                 images,
@@ -167,33 +177,26 @@ class DALILoader:
         pipe.build()
         return pipe
 
-    def _raise_decode_error(self, error: RuntimeError, files: list[str], batch: int) -> NoReturn:
-        """Name the file DALI failed on: from its message, else by decoding the batches in flight."""
-        message = str(error)
+    def _find_undecodable(self, files: list[str], batch: int, message: str) -> tuple[str, str] | None:
+        """The file DALI failed on, with the reason: among the batches in flight, those its message
+        names first, each decoded alone. None when every file decodes (the failure is not a file's)."""
         start, end = self._shard
-        shard = files[start:end]
-        window = shard[batch * self.batch_size : (batch + PREFETCH + 2) * self.batch_size]
-        named = [f for f in window if f in message]
-        bad = named[0] if named else next((f for f in window if decode_failure(f)), None)
-        reason = decode_failure(bad) if bad else None
-        if bad:
-            raise DataError(
-                f"{bad}: DALI cannot decode this image ({reason or 'decoder error'}); "
-                "fix or remove the file, or use data.backend: tv2"
-            ) from None
-        last = [line for line in message.splitlines() if line.strip() and "pipeline" not in line.lower()]
-        raise DataError(f"data.backend dali: pipeline failed ({last[-1] if last else 'no message'})") from None
+        window = files[start:end][batch * self.batch_size : (batch + PREFETCH + 2) * self.batch_size]
+        for path in sorted(window, key=lambda f: f not in message):
+            reason = decode_failure(path)
+            if reason is not None:
+                return path, reason
+        return None
 
     def _release(self) -> None:
-        """Drop the epoch's pipeline and hand DALI's pooled memory back (stages rebuild loaders)."""
-        if self._pipe is None:
-            return
-        self._iterator = self._pipe = None  # the last references: the pipeline is freed here, no GC pass
-        backend.ReleaseUnusedMemory()  # DALI's device and pinned memory pools
-        trim_heap()
+        """Drop the epoch's pipeline: the last references, so it is freed here, without a GC pass."""
+        self._iterator = self._pipe = self._epoch_token = None
 
     def close(self) -> None:
+        """Free the pipeline and hand DALI's pooled memory back (each stage rebuilds its loaders)."""
         self._release()
+        backend.ReleaseUnusedMemory()  # DALI's device and pinned memory pools
+        trim_heap()
         self._closed = True
 
 

@@ -16,6 +16,12 @@ from pipeline.config import MixupConfig, TrainConfig
 COMPILE_BACKEND = "inductor"  # tests swap in a counting backend
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass(frozen=True)
 class Precision:
     """Autocast dtype (None: full fp32) and whether a GradScaler is needed."""
