@@ -259,3 +259,12 @@ def test_run_trains_with_dali(tiny_config, write_yaml, tmp_path):
     epochs = [m for m in steps if m["kind"] == "epoch"]
     assert len(epochs) == 3 and all(np.isfinite(m["train_loss"]) for m in epochs)
     assert summary["stages"][-1]["img_size"] == 24
+
+
+def test_lr_find_cycles_the_dali_loader(tiny_config, write_yaml, tmp_path):
+    # 30 steps over 5-batch epochs: six passes, each a new pipeline, the last one left unfinished
+    tiny_config["data"]["backend"] = "dali"
+    args = ["lr-find", str(write_yaml(tiny_config)), "--steps", "30", "--end", "0.01", "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    (folder,) = (tmp_path / "o").iterdir()
+    assert len((folder / "lr_find.csv").read_text().splitlines()) == 31
