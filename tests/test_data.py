@@ -116,12 +116,14 @@ def test_augmentation_is_seeded_and_independent_of_workers(splits, kind):
 
 @pytest.mark.parametrize("train", [True, False])
 def test_workers_mode_and_device_mode_agree(splits, train):
-    # the same crop boxes are drawn from the same seeds; on CPU both decode with libjpeg
     a = list(make_loader(splits.train if train else splits.val, train=train, decode_on="workers"))
     b = list(make_loader(splits.train if train else splits.val, train=train, decode_on="device"))
     assert len(a) == len(b) > 0
     for (xa, ya), (xb, yb) in zip(a, b):
-        assert torch.equal(ya, yb) and (xa - xb).abs().max() < 1e-4
+        assert torch.equal(ya, yb)
+        # same crop boxes; PIL (workers, reduced-size decoding) and torch resample a little differently
+        diff = (xa - xb).abs().mean(dim=(1, 2, 3))
+        assert diff.max() < 0.03  # measured <= 0.018; two different images differ by >= 0.6
 
 
 def test_sampler_shards_cover_the_dataset_once():

@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
-from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.data.folder import ImageFolderIndex, read_image
@@ -53,13 +54,44 @@ class EpochSampler(Sampler):
 
 
 def draw_crop(height: int, width: int, seed: int, spec: LoaderSpec) -> tuple[int, int, int, int, bool]:
-    """RandomResizedCrop box and flip for one sample, from its own seed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed CUDA too
-        shape_only = torch.empty(1, 1, 1).expand(1, height, width)
-        top, left, h, w = RandomResizedCrop.get_params(shape_only, list(spec.scale), list(spec.ratio))
-        flip = bool(torch.rand(()) < spec.hflip)
-    return top, left, h, w, flip
+    """RandomResizedCrop box (top, left, h, w) and flip for one sample, from its own seed.
+
+    torchvision's `RandomResizedCrop.get_params` (10 tries, then the centre crop at the nearest
+    allowed aspect), drawn from a numpy generator: no global RNG state is touched.
+    """
+    rng = np.random.default_rng(seed)
+    area = height * width
+    log_ratio = (math.log(spec.ratio[0]), math.log(spec.ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*spec.scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w, bool(rng.random() < spec.hflip)
+    in_ratio = width / height
+    if in_ratio < spec.ratio[0]:
+        w, h = width, int(round(width / spec.ratio[0]))
+    elif in_ratio > spec.ratio[1]:
+        w, h = int(round(height * spec.ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w, bool(rng.random() < spec.hflip)
+
+
+def centre_box(height: int, width: int, spec: LoaderSpec) -> tuple[float, float, float, float]:
+    """Validation (timm's crop_pct): the region (top, left, h, w), in the image's own pixels, that
+    resizing the shorter side to size / crop_pct and taking the central size x size keeps; rounded
+    as torchvision's resize and center_crop round, so one resample gives the same pixels as two."""
+    size, short = spec.img_size, math.floor(spec.img_size / spec.crop_pct)
+    if height <= width:
+        h2, w2 = short, int(short * width / height)
+    else:
+        h2, w2 = int(short * height / width), short
+    sy, sx = height / h2, width / w2
+    return int(round((h2 - size) / 2)) * sy, int(round((w2 - size) / 2)) * sx, size * sy, size * sx
 
 
 def augment(img: torch.Tensor, seed: int, spec: LoaderSpec) -> torch.Tensor:
@@ -74,8 +106,41 @@ def augment(img: torch.Tensor, seed: int, spec: LoaderSpec) -> torch.Tensor:
     return F.center_crop(img, size)
 
 
+def load_jpeg_cropped(path: str, seed: int, spec: LoaderSpec) -> np.ndarray | None:
+    """A JPEG straight to its SxSx3 uint8 crop, decoded at the smallest DCT scale (1/2, 1/4, 1/8)
+    that keeps the crop at least `img_size` pixels across; None for other formats or on any error
+    (the caller then decodes it fully and reports what fails)."""
+    try:
+        with Image.open(path) as im:
+            if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                return None  # CMYK and others: the full decoder converts them
+            width, height = im.size
+            if spec.train:
+                top, left, h, w, flip = draw_crop(height, width, seed, spec)
+            else:
+                (top, left, h, w), flip = centre_box(height, width, spec), False
+            k = 1
+            while k < 8 and min(h, w) >= 2 * k * spec.img_size:
+                k *= 2
+            if k > 1:
+                im.draft("RGB", (math.ceil(width / k), math.ceil(height / k)))
+            fx, fy = im.size[0] / width, im.size[1] / height
+            box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+            out = im.convert("RGB").resize((spec.img_size, spec.img_size), Image.BILINEAR, box=box, reducing_gap=None)
+            if flip:
+                out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return np.asarray(out)
+    except Exception:  # noqa: BLE001 - decoded again by the full path, which names the problem
+        return None
+
+
 class FolderDataset(Dataset):
-    """Items are (uint8 image or encoded bytes, label, index); label -1 marks an unreadable file."""
+    """Items are whole batches: a list of (index, seed) -> (images, labels, indices, seeds).
+
+    Workers mode: images is one uint8 BxSxSx3 tensor (NHWC: viewed as NCHW it is channels_last).
+    Device mode: the encoded JPEGs (and other formats decoded), packed in one flat tensor.
+    Label -1 marks an unreadable file, reported by path in the main process.
+    """
 
     def __init__(self, index: ImageFolderIndex, spec: LoaderSpec):
         self.samples, self.spec = index.samples, spec
@@ -83,36 +148,53 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item: tuple[int, int]):
-        idx, seed = item
-        path, label = self.samples[idx]
-        unreadable = torch.zeros(3, self.spec.img_size, self.spec.img_size, dtype=torch.uint8), -1, idx, seed
+    def __getitem__(self, batch: list[tuple[int, int]]):
+        idxs = [i for i, _ in batch]
+        seeds = [s for _, s in batch]
+        labels = torch.tensor([self.samples[i][1] for i in idxs])
         if self.spec.decode_on == "device":
-            try:
-                data = read_file(path)
-            except RuntimeError:
-                return unreadable  # reported by path in the main process, without a traceback
-            if is_jpeg(data):
-                return data, label, idx, seed  # decoded in batch on the device
+            items = []
+            for k, (idx, _) in enumerate(batch):
+                item = self._encoded(self.samples[idx][0])
+                if item is None:
+                    labels[k], item = -1, torch.zeros(3, 1, 1, dtype=torch.uint8)
+                items.append(item)
+            return _pack(items), labels, idxs, seeds
+        size = self.spec.img_size
+        images = np.empty((len(batch), size, size, 3), dtype=np.uint8)
+        for k, (idx, seed) in enumerate(batch):
+            path = self.samples[idx][0]
+            img = load_jpeg_cropped(path, seed, self.spec)
+            if img is None:
+                try:
+                    img = augment(read_image(path), seed, self.spec).permute(1, 2, 0).numpy()
+                except DataError:
+                    labels[k], img = -1, 0
+            images[k] = img
+        return torch.from_numpy(images), labels, idxs, seeds
+
+    def _encoded(self, path: str) -> torch.Tensor | None:
+        """JPEG bytes (decoded in batch on the device), or another format decoded here."""
         try:
-            img = read_image(path)  # other formats decode here, in parallel workers
+            data = read_file(path)
+        except RuntimeError:
+            return None
+        if is_jpeg(data):
+            return data
+        try:
+            return read_image(path)  # other formats decode here, in parallel workers
         except DataError:
-            return unreadable
-        if self.spec.decode_on == "device":
-            return img, label, idx, seed  # augmented on the device with the JPEGs
-        return augment(img, seed, self.spec), label, idx, seed
+            return None
 
 
 def is_jpeg(data: torch.Tensor) -> bool:
     return data.ndim == 1 and data.numel() > 2 and int(data[0]) == 0xFF and int(data[1]) == 0xD8
 
 
-def _collate_encoded(batch):
+def _pack(items: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
     """One flat uint8 tensor for the whole batch: a worker cannot hand over hundreds of small
     tensors (one file descriptor each), and read_file's own storage cannot be shared at all."""
-    data, labels, idxs, seeds = zip(*batch)
-    flat = torch.cat([d.reshape(-1) for d in data])
-    return (flat, [tuple(d.shape) for d in data]), torch.tensor(labels), list(idxs), list(seeds)
+    return torch.cat([d.reshape(-1) for d in items]), [tuple(d.shape) for d in items]
 
 
 def _unpack(packed: tuple[torch.Tensor, list[tuple[int, ...]]]) -> list[torch.Tensor]:
@@ -129,15 +211,13 @@ class TV2Loader:
         self.sampler = EpochSampler(len(index), spec)
         self.batch_size = spec.batch_size
         on_cuda = spec.device.type == "cuda"
-        self._loader = DataLoader(
+        self._loader = DataLoader(  # whole batches per call: no per-sample fetch and collate
             FolderDataset(index, spec),
-            batch_size=spec.batch_size,
-            sampler=self.sampler,
+            batch_size=None,
+            sampler=BatchSampler(self.sampler, spec.batch_size, drop_last=spec.train),
             num_workers=spec.workers,
-            drop_last=spec.train,
             pin_memory=on_cuda and spec.decode_on == "workers",
             persistent_workers=spec.workers > 0,
-            collate_fn=_collate_encoded if spec.decode_on == "device" else None,
         )
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(IMAGENET_MEAN, device=spec.device).view(shape) * 255
@@ -165,8 +245,8 @@ class TV2Loader:
                 self._raise_unreadable(idxs[bad[0]])
             if self.spec.decode_on == "device":
                 images = self._decode_on_device(_unpack(data), idxs, seeds)
-            else:
-                images = data.to(device, non_blocking=True)
+            else:  # NHWC uint8: the NCHW view is channels_last, moved as it is
+                images = data.permute(0, 3, 1, 2).to(device, non_blocking=True)
             yield self._normalize(images), labels.to(device, non_blocking=True)
 
     def _decode_on_device(self, items: list[torch.Tensor], idxs: list[int], seeds: list[int]) -> torch.Tensor:
