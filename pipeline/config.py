@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,6 +90,10 @@ class DataConfig:
     ratio: tuple[float, float] = checked((3 / 4, 4 / 3), ratio_check)
     hflip: float = checked(0.5, unit_closed)
     crop_pct: float = checked(0.875, lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v!r}")
+    cache: Literal["decoded"] | None = None  # decoded: decode every image once into a memory-mapped array
+    cache_size: int | Literal["auto"] = checked(
+        "auto", lambda v: None if v == "auto" or v >= 8 else f"must be 'auto' or >= 8, got {v!r}"
+    )
 
 
 @dataclass
@@ -142,6 +147,7 @@ class StageSpec:
     batch_size: int
     epochs: int
     train: TrainConfig  # the global `train` section with this stage's overrides applied
+    data: DataConfig = field(default_factory=DataConfig)  # the global `data` with this stage's `data:` keys
 
 
 @dataclass
@@ -231,6 +237,8 @@ def parse_config(raw: dict, base_dir: Path = Path(".")) -> Config:
     stages = [_parse_stage(s, train_raw, f"stages.{i}") for i, s in enumerate(stages_raw)]
 
     data: DataConfig = sections["data"]
+    if data.cache is not None and data.backend != "tv2":
+        raise ConfigError("data.cache: the decoded cache feeds the tv2 loader; use data.backend: tv2 with it")
     for name in ("train", "val"):
         value = getattr(data, name)
         if value != "demo":
@@ -240,6 +248,11 @@ def parse_config(raw: dict, base_dir: Path = Path(".")) -> Config:
             if not p.is_dir():
                 raise ConfigError(f"data.{name}: folder {value!r} does not exist (an ImageFolder path, or `demo`)")
             setattr(data, name, str(p.resolve()))
+    if data.cache_size == "auto":  # one cache serves every stage: just above the largest one
+        data.cache_size = cache_side(max(st.img_size for st in stages), data.crop_pct)
+    for i, (stage, stage_raw) in enumerate(zip(stages, stages_raw)):
+        stage_data = _stage_data(raw.get("data") or {}, stage_raw.get("data"), f"stages.{i}.data")
+        stage.data = dataclasses.replace(stage_data, train=data.train, val=data.val, cache_size=data.cache_size)
     model: ModelConfig = sections["model"]
     if model.pretrained is not None and not Path(model.pretrained).expanduser().is_file():
         raise ConfigError(f"model.pretrained: file {model.pretrained!r} does not exist")
@@ -251,6 +264,30 @@ def parse_config(raw: dict, base_dir: Path = Path(".")) -> Config:
     resolved = {name: dataclasses.asdict(sections[name]) for name in SECTIONS}
     resolved["stages"] = copy.deepcopy(stages_raw)
     return Config(stages=stages, raw=resolved, **sections)
+
+
+def cache_side(img_size: int, crop_pct: float) -> int:
+    """The cached squares' side: validation's resize target (img_size / crop_pct), up to a multiple of 8."""
+    return math.ceil(img_size / crop_pct / 8) * 8
+
+
+# Loader keys a stage may set for itself (`data: {backend: dali, workers: 2}`); the dataset stays one.
+STAGE_DATA_KEYS = ("backend", "workers", "decode_on", "cache", "scale", "ratio", "hflip", "crop_pct")
+
+
+def _stage_data(data_raw: dict, override: Any, path: str) -> DataConfig:
+    if override is None:
+        override = {}
+    if not isinstance(override, dict):
+        raise ConfigError(f"{path}: must be a mapping of loader keys, e.g. {{backend: dali, workers: 2}}")
+    for key in override:
+        if key not in STAGE_DATA_KEYS:
+            hint = "; the dataset is the same for every stage" if key in ("train", "val") else ""
+            raise ConfigError(f"{path}.{key}: not a per-stage loader key{hint}{_suggest(str(key), STAGE_DATA_KEYS)}")
+    data = parse_dataclass(DataConfig, {**data_raw, **override}, path)
+    if data.cache is not None and data.backend != "tv2":
+        raise ConfigError(f"{path}.cache: the decoded cache feeds the tv2 loader; use backend: tv2 with it")
+    return data
 
 
 def _parse_stage(stage: Any, train_raw: dict, path: str) -> StageSpec:
@@ -265,7 +302,7 @@ def _parse_stage(stage: Any, train_raw: dict, path: str) -> StageSpec:
             raise ConfigError(f"{path}.{key}: must be a positive integer, got {values[key]}")
     if values["batch_size"] < 2:
         raise ConfigError(f"{path}.batch_size: must be at least 2 (BatchNorm needs two samples per batch)")
-    overrides = {k: v for k, v in stage.items() if k not in STAGE_SIZE_KEYS}
+    overrides = {k: v for k, v in stage.items() if k not in (*STAGE_SIZE_KEYS, "data")}
     merged = copy.deepcopy(train_raw)
     train_keys = [f.name for f in dataclasses.fields(TrainConfig)]
     for key, value in overrides.items():
@@ -279,7 +316,7 @@ def _parse_stage(stage: Any, train_raw: dict, path: str) -> StageSpec:
             old = merged.get(key)
             merged[key] = _deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
         else:
-            allowed = list(STAGE_SIZE_KEYS) + train_keys + list(STAGE_SHORTCUTS)
+            allowed = list(STAGE_SIZE_KEYS) + train_keys + list(STAGE_SHORTCUTS) + ["data"]
             raise ConfigError(f"{path}.{key}: unknown stage key{_suggest(str(key), allowed)}")
     # Inherited keys were validated as `train.*`; an error here comes from this stage's overrides.
     try:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, cache_side
+from pipeline.data.cache import check_cache_side, open_cache, smaller_cache
 from pipeline.data.demo import demo_root
 from pipeline.data.folder import ImageFolderIndex, scan_image_folder
 from pipeline.data.spec import Loader, LoaderSpec
@@ -94,7 +95,15 @@ def build_loader(
         from pipeline.data.dali import DALILoader
 
         return DALILoader(index, spec)
-    return TV2Loader(index, spec)
+    cache = None
+    if cfg.cache == "decoded":
+        field = "data.train" if train else "data.val"
+        stage_side = cache_side(img_size, cfg.crop_pct)
+        side = stage_side if cfg.cache_size == "auto" else int(cfg.cache_size)
+        cache = open_cache(index, side, spec.workers, field)  # decoded once, at the run's largest size
+        check_cache_side(cache, img_size, cfg.crop_pct)
+        cache = smaller_cache(cache, stage_side)
+    return TV2Loader(index, spec, cache)
 
 
 def require_backend(backend: str) -> None:

@@ -16,6 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as F
 
+from pipeline.data.cache import DecodedCache
 from pipeline.data.folder import ImageFolderIndex, read_image
 from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, sample_seeds, shard_bounds
 from pipeline.errors import DataError
@@ -53,32 +54,55 @@ class EpochSampler(Sampler):
         return len(self._positions())
 
 
-def draw_crop(height: int, width: int, seed: int, spec: LoaderSpec) -> tuple[int, int, int, int, bool]:
-    """RandomResizedCrop box (top, left, h, w) and flip for one sample, from its own seed.
+ATTEMPTS = 10  # as torchvision's RandomResizedCrop
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
-    torchvision's `RandomResizedCrop.get_params` (10 tries, then the centre crop at the nearest
-    allowed aspect), drawn from a numpy generator: no global RNG state is touched.
+
+def uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
+    """`count` uniform [0, 1) numbers per seed (splitmix64 of seed and position): per-sample
+    randomness drawn for a whole batch at once, independent of batch composition and workers."""
+    with np.errstate(over="ignore"):
+        z = seeds.astype(np.uint64)[:, None] + _GOLDEN * np.arange(1, count + 1, dtype=np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def draw_crops(heights: np.ndarray, widths: np.ndarray, seeds: np.ndarray, spec: LoaderSpec) -> np.ndarray:
+    """RandomResizedCrop boxes and flips for a batch, one row per sample: top, left, h, w, flip.
+
+    torchvision's rule (up to 10 tries at a random area and log-uniform aspect, else the centre
+    crop at the nearest allowed aspect), each sample from its own seed.
     """
-    rng = np.random.default_rng(seed)
-    area = height * width
-    log_ratio = (math.log(spec.ratio[0]), math.log(spec.ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*spec.scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w, bool(rng.random() < spec.hflip)
-    in_ratio = width / height
-    if in_ratio < spec.ratio[0]:
-        w, h = width, int(round(width / spec.ratio[0]))
-    elif in_ratio > spec.ratio[1]:
-        w, h = int(round(height * spec.ratio[1])), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w, bool(rng.random() < spec.hflip)
+    heights, widths = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
+    u = uniforms(np.asarray(seeds, dtype=np.int64), 4 * ATTEMPTS + 1)
+    area = (heights * widths)[:, None] * (spec.scale[0] + (spec.scale[1] - spec.scale[0]) * u[:, :ATTEMPTS])
+    lo, hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
+    aspect = np.exp(lo + (hi - lo) * u[:, ATTEMPTS : 2 * ATTEMPTS])
+    w = np.rint(np.sqrt(area * aspect)).astype(np.int64)
+    h = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+    fits = (w > 0) & (h > 0) & (w <= widths[:, None]) & (h <= heights[:, None])
+    first = fits.argmax(axis=1)
+    rows = np.arange(len(heights))
+    ok = fits[rows, first]
+    w, h = np.where(ok, w[rows, first], 0), np.where(ok, h[rows, first], 0)
+    top = np.floor(u[rows, 2 * ATTEMPTS + first] * (heights - h + 1)).astype(np.int64)
+    left = np.floor(u[rows, 3 * ATTEMPTS + first] * (widths - w + 1)).astype(np.int64)
+    # no try fitted: the centre crop, its aspect clamped to the allowed range
+    in_ratio = widths / heights
+    fw = np.where(in_ratio > spec.ratio[1], np.rint(heights * spec.ratio[1]), widths).astype(np.int64)
+    fh = np.where(in_ratio < spec.ratio[0], np.rint(widths / spec.ratio[0]), heights).astype(np.int64)
+    top, left = np.where(ok, top, (heights - fh) // 2), np.where(ok, left, (widths - fw) // 2)
+    h, w = np.where(ok, h, fh), np.where(ok, w, fw)
+    flip = (u[:, -1] < spec.hflip).astype(np.int64)
+    return np.stack([top, left, h, w, flip], axis=1)
+
+
+def draw_crop(height: int, width: int, seed: int, spec: LoaderSpec) -> tuple[int, int, int, int, bool]:
+    """One sample's box (top, left, h, w) and flip: `draw_crops` for a batch of one."""
+    top, left, h, w, flip = draw_crops(np.array([height]), np.array([width]), np.array([seed]), spec)[0].tolist()
+    return top, left, h, w, bool(flip)
 
 
 def centre_box(height: int, width: int, spec: LoaderSpec) -> tuple[float, float, float, float]:
@@ -94,16 +118,30 @@ def centre_box(height: int, width: int, spec: LoaderSpec) -> tuple[float, float,
     return int(round((h2 - size) / 2)) * sy, int(round((w2 - size) / 2)) * sx, size * sy, size * sx
 
 
-def augment(img: torch.Tensor, seed: int, spec: LoaderSpec) -> torch.Tensor:
-    """One uint8 3xHxW image (CPU or CUDA) -> uint8 3xSxS: random crop+flip, or resize+centre crop."""
+def augment(img: torch.Tensor, seed: int, spec: LoaderSpec, box: tuple[int, ...] | None = None) -> torch.Tensor:
+    """One uint8 3xHxW image (CPU or CUDA) -> uint8 3xSxS: random crop+flip (its `box` from
+    `draw_crops`, or drawn here from `seed`), or resize+centre crop."""
     size = [spec.img_size, spec.img_size]
     if spec.train:
-        top, left, h, w, flip = draw_crop(img.shape[-2], img.shape[-1], seed, spec)
-        img = F.resized_crop(img, top, left, h, w, size, antialias=True)
-        return F.horizontal_flip(img) if flip else img
+        top, left, h, w, flip = box if box is not None else draw_crop(img.shape[-2], img.shape[-1], seed, spec)
+        crop = img[..., top : top + h, left : left + w]
+        if img.device.type == "cpu" and img.dtype == torch.uint8:  # the same kernel, without the dispatch
+            img = torch.nn.functional.interpolate(crop[None], size, mode="bilinear", antialias=True)[0]
+        else:
+            img = F.resize(crop, size, antialias=True)
+        return img.flip(-1) if flip else img
     # timm's crop_pct: resize the shorter side to size / crop_pct, then take the centre
     img = F.resize(img, [math.floor(spec.img_size / spec.crop_pct)], antialias=True)
     return F.center_crop(img, size)
+
+
+def augment_block(block: torch.Tensor, seeds: list[int], spec: LoaderSpec) -> torch.Tensor:
+    """B x 3 x side x side uint8 (CPU or CUDA) -> B x 3 x S x S: every sample's own crop and flip."""
+    if not spec.train:
+        return augment(block, 0, spec)  # one resize + centre crop for the whole batch
+    n, side = len(block), block.shape[-1]
+    boxes = draw_crops(np.full(n, side), np.full(n, side), np.asarray(seeds), spec).tolist()
+    return torch.stack([augment(img, 0, spec, tuple(box)) for img, box in zip(block, boxes)])
 
 
 def load_jpeg_cropped(path: str, seed: int, spec: LoaderSpec) -> np.ndarray | None:
@@ -142,8 +180,8 @@ class FolderDataset(Dataset):
     Label -1 marks an unreadable file, reported by path in the main process.
     """
 
-    def __init__(self, index: ImageFolderIndex, spec: LoaderSpec):
-        self.samples, self.spec = index.samples, spec
+    def __init__(self, index: ImageFolderIndex, spec: LoaderSpec, cache: DecodedCache | None = None):
+        self.samples, self.spec, self.cache = index.samples, spec, cache
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -152,6 +190,11 @@ class FolderDataset(Dataset):
         idxs = [i for i, _ in batch]
         seeds = [s for _, s in batch]
         labels = torch.tensor([self.samples[i][1] for i in idxs])
+        if self.cache is not None:
+            block = torch.from_numpy(self.cache.gather(idxs))
+            if self.spec.decode_on == "device":
+                return block, labels, idxs, seeds  # cropped in batch on the device
+            return augment_block(block.permute(0, 3, 1, 2), seeds, self.spec).permute(0, 2, 3, 1), labels, idxs, seeds
         if self.spec.decode_on == "device":
             items = []
             for k, (idx, _) in enumerate(batch):
@@ -206,13 +249,13 @@ def _unpack(packed: tuple[torch.Tensor, list[tuple[int, ...]]]) -> list[torch.Te
 class TV2Loader:
     """Iterates (images, labels) on the device: float, normalised, NCHW (channels_last), int64."""
 
-    def __init__(self, index: ImageFolderIndex, spec: LoaderSpec):
-        self.index, self.spec = index, spec
+    def __init__(self, index: ImageFolderIndex, spec: LoaderSpec, cache: DecodedCache | None = None):
+        self.index, self.spec, self.cache = index, spec, cache
         self.sampler = EpochSampler(len(index), spec)
         self.batch_size = spec.batch_size
         on_cuda = spec.device.type == "cuda"
         self._loader = DataLoader(  # whole batches per call: no per-sample fetch and collate
-            FolderDataset(index, spec),
+            FolderDataset(index, spec, cache),
             batch_size=None,
             sampler=BatchSampler(self.sampler, spec.batch_size, drop_last=spec.train),
             num_workers=spec.workers,
@@ -243,7 +286,9 @@ class TV2Loader:
             bad = (labels < 0).nonzero().flatten().tolist()
             if bad:
                 self._raise_unreadable(idxs[bad[0]])
-            if self.spec.decode_on == "device":
+            if self.cache is not None and self.spec.decode_on == "device":
+                images = augment_block(data.to(device, non_blocking=True).permute(0, 3, 1, 2), seeds, self.spec)
+            elif self.spec.decode_on == "device":
                 images = self._decode_on_device(_unpack(data), idxs, seeds)
             else:  # NHWC uint8: the NCHW view is channels_last, moved as it is
                 images = data.permute(0, 3, 1, 2).to(device, non_blocking=True)

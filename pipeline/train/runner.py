@@ -177,7 +177,8 @@ def _differences(old: Any, new: Any, path: str = ""):
 def prepare(cfg: Config) -> tuple[torch.device, Datasets, int]:
     """Device, scanned datasets and class count; every user error surfaces here, before training."""
     device = resolve_device(cfg.run.device)
-    require_backend(cfg.data.backend)
+    for stage in cfg.stages:  # a stage may choose its own loader
+        require_backend(stage.data.backend)
     datasets = scan_datasets(cfg.data)
     check_stages(cfg, datasets)
     check_optimizers(cfg, device)
@@ -263,9 +264,11 @@ class StageRunner:
         stage_seed = derive_seed(cfg.run.seed, k)
         loader_args = dict(img_size=stage.img_size, device=device, seed=stage_seed, channels_last=tc.channels_last)
         train_loader = build_loader(
-            cfg.data, self.datasets.train, train=True, batch_size=train_batch_size(stage), **loader_args
+            stage.data, self.datasets.train, train=True, batch_size=train_batch_size(stage), **loader_args
         )
-        val_loader = build_loader(cfg.data, self.datasets.val, train=False, batch_size=stage.batch_size, **loader_args)
+        val_loader = build_loader(
+            stage.data, self.datasets.val, train=False, batch_size=stage.batch_size, **loader_args
+        )
         if tc.channels_last:
             self.model.to(memory_format=torch.channels_last)
         find = tc.optimizer.lr == "find"
@@ -458,7 +461,7 @@ def run_lr_find(cfg: Config, stage_index: int, out_dir: Path | None = None, **kw
     stage_seed = derive_seed(cfg.run.seed, stage_index)
     run_dir = new_run_dir(Path(out_dir or cfg.run.out_dir), f"{cfg.run.name}-lr-find")  # before: fail early
     loader = build_loader(
-        cfg.data,
+        stage.data,
         datasets.train,
         train=True,
         img_size=stage.img_size,

@@ -1,0 +1,179 @@
+"""The decode-once cache (`data.cache: decoded`): each split decoded once into a memory-mapped
+uint8 array of N x side x side x 3 (each image's central square, just above the largest stage).
+
+Epochs then only crop, flip and resize from it: no JPEG is decoded again. A cache is keyed by the
+files' paths, labels, sizes and modification times, so a changed dataset gets a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+from torchvision.transforms.v2 import functional as F
+
+from pipeline.data.demo import demo_cache_dir
+from pipeline.data.folder import ImageFolderIndex, read_image
+from pipeline.errors import DataError
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DecodedCache:
+    """A built cache file; opened lazily (and once) in each process that reads it."""
+
+    path: Path
+    side: int
+    size: int
+
+    def array(self) -> np.ndarray:
+        arrays = _OPEN.setdefault(os.getpid(), {})
+        if self.path not in arrays:
+            arrays[self.path] = np.load(self.path, mmap_mode="r")
+        return arrays[self.path]
+
+    def gather(self, indices: list[int]) -> np.ndarray:
+        """B x side x side x 3 uint8 (a copy: what the caller crops may be written to)."""
+        return self.array()[np.asarray(indices)]
+
+
+_OPEN: dict[int, dict[Path, np.ndarray]] = {}  # per process: a forked worker opens its own map
+
+
+def cache_key(index: ImageFolderIndex, side: int) -> str:
+    digest = hashlib.sha1(f"v{CACHE_VERSION} side {side}\n".encode())
+    for path, label in index.samples:
+        st = os.stat(path)
+        digest.update(f"{path}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def open_cache(index: ImageFolderIndex, side: int, workers: int, field: str) -> DecodedCache:
+    """The cache for this split and side, built first if the dataset has none (or has changed)."""
+    root = demo_cache_dir() / "decoded"
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", str(index.root)).strip("-")[-80:] + f"-{side}"
+    path = root / f"{stem}-{cache_key(index, side)}.npy"
+    if not path.is_file():
+        build_cache(index, side, workers, path, field)
+        for stale in root.glob(f"{stem}-*.npy"):  # the same split and side, for files since changed
+            if not stale.name.startswith(path.stem):
+                stale.unlink(missing_ok=True)
+    return DecodedCache(path=path, side=side, size=len(index))
+
+
+def smaller_cache(cache: DecodedCache, side: int) -> DecodedCache:
+    """The same cache at a smaller side (for a smaller stage), made from it without decoding again:
+    cropping a stage's image from a square just above its size costs a fraction of a large one."""
+    if side >= cache.side:
+        return cache
+    path = cache.path.with_name(f"{cache.path.stem}-{side}.npy")
+    if not path.is_file():
+        source = cache.array()
+        fd, tmp = tempfile.mkstemp(suffix=".npy.tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(cache.size, side, side, 3))
+            for first in range(0, cache.size, 256):
+                block = torch.from_numpy(np.array(source[first : first + 256])).permute(0, 3, 1, 2)
+                small = F.resize(block, [side, side], antialias=True)
+                out[first : first + len(block)] = small.permute(0, 2, 3, 1).numpy()
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return DecodedCache(path=path, side=side, size=cache.size)
+
+
+def build_cache(index: ImageFolderIndex, side: int, workers: int, path: Path, field: str) -> None:
+    """Decode every image once (in `workers` processes) into a .npy file, written aside and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    print(f"{field}: decoding {len(index)} images once into {path} ({side}x{side})", file=sys.stderr)
+    fd, tmp = tempfile.mkstemp(suffix=".npy.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(index), side, side, 3))
+        loader = DataLoader(
+            SquareDataset(index, side),
+            batch_size=None,
+            sampler=BatchSampler(SequentialSampler(range(len(index))), 64, drop_last=False),
+            num_workers=workers,
+        )
+        for first, block, error in loader:
+            if error:
+                raise DataError(error)
+            out[first : first + len(block)] = block.numpy()
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    mb = path.stat().st_size / 2**20
+    print(f"{field}: cache ready in {time.perf_counter() - start:.1f} s ({mb:.0f} MB)", file=sys.stderr)
+
+
+class SquareDataset(Dataset):
+    """Batches of images decoded to their central square at `side` x `side` (uint8, HWC)."""
+
+    def __init__(self, index: ImageFolderIndex, side: int):
+        self.samples, self.side = index.samples, side
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, batch: list[int]) -> tuple[int, torch.Tensor, str]:
+        block = np.empty((len(batch), self.side, self.side, 3), dtype=np.uint8)
+        for k, i in enumerate(batch):
+            try:
+                block[k] = central_square(self.samples[i][0], self.side)
+            except DataError as e:  # handed over as text: a worker's exception would carry its traceback
+                return batch[0], torch.from_numpy(block), str(e)
+        return batch[0], torch.from_numpy(block), ""
+
+
+def central_square(path: str, side: int) -> np.ndarray:
+    """The image's central square resized to side x side, RGB uint8 HWC; JPEGs at a reduced DCT scale."""
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG" and im.mode in ("RGB", "L"):
+                width, height = im.size
+                short = min(width, height)
+                k = 1
+                while k < 8 and short >= 2 * k * side:
+                    k *= 2
+                if k > 1:
+                    im.draft("RGB", (math.ceil(width / k), math.ceil(height / k)))
+                fx, fy = im.size[0] / width, im.size[1] / height
+                left, top = (width - short) / 2, (height - short) / 2
+                box = (left * fx, top * fy, (left + short) * fx, (top + short) * fy)
+                out = im.convert("RGB").resize((side, side), Image.BILINEAR, box=box, reducing_gap=None)
+                return np.asarray(out)
+    except Exception:  # noqa: BLE001 - decoded again below, which names the problem
+        pass
+    img = read_image(path)  # raises a DataError naming the file
+    short = min(img.shape[-2:])
+    img = F.center_crop(img, [short, short])
+    return F.resize(img, [side, side], antialias=True).permute(1, 2, 0).numpy()
+
+
+def check_cache_side(cache: DecodedCache, img_size: int, crop_pct: float) -> None:
+    if cache.side < math.floor(img_size / crop_pct):
+        raise DataError(
+            f"data.cache_size: {cache.side} is too small for {img_size}px stages "
+            f"(validation resizes to {math.floor(img_size / crop_pct)}); use auto or a larger size"
+        )
