@@ -36,6 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--out", type=Path, default=None, help="folder the output folder is made in")
     find.add_argument("--apply", action="store_true", help="write FILE.lr-find.yaml with the stage's lr set")
     add_set(find)
+    bench = sub.add_parser("bench-loader", help="every stage's loaders against what its model step consumes")
+    bench.add_argument("file", type=Path, help="the stages file")
+    bench.add_argument(
+        "--backends", default="tv2,cache,dali,classic", help="tv2, cache (tv2 + data.cache: decoded), dali, classic"
+    )
+    bench.add_argument("--workers", default="0,1,2", help="worker counts to try (DALI: threads, at least 1)")
+    bench.add_argument("--batches", type=int, default=40, help="timed batches per setting, after 5 warm-up batches")
+    bench.add_argument(
+        "--repeats", type=int, default=1, help="measure every setting this many times, in turn; report medians"
+    )
+    bench.add_argument(
+        "--sizes", default=None, help="image sizes to measure instead of the file's stages (batch of its last stage)"
+    )
+    bench.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH|synthetic",
+        help="an ImageFolder instead of data.train; synthetic: 3,000 generated 160x160 JPEGs",
+    )
+    bench.add_argument("--out", type=Path, default=None, help="folder the output folder is made in")
+    bench.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
+    bench.add_argument(
+        "--apply", action="store_true", help="write FILE.bench-loader.yaml with each stage's fastest loader"
+    )
+    add_set(bench)
     return parser
 
 
@@ -88,6 +113,69 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def int_list(text: str, option: str, least: int) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} {text}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not values or min(values) < least:
+        raise UserError(f"{option} {text}: need integers >= {least}")
+    return values
+
+
+def cmd_bench_loader(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipeline import loader_bench as lb
+    from pipeline.config import StageSpec, load_config
+    from pipeline.data.demo import demo_root
+    from pipeline.files import write_json, write_text
+    from pipeline.train.runner import new_run_dir, prepare
+
+    backends = lb.check_backends([b.strip() for b in args.backends.split(",") if b.strip()])
+    workers = int_list(args.workers, "--workers", 0)
+    if args.batches < 1 or args.repeats < 1:
+        raise UserError(f"--batches {args.batches} / --repeats {args.repeats}: need at least 1")
+    if args.sizes and args.apply:
+        raise UserError("--apply writes settings for the file's own stages: drop --sizes")
+    overrides = list(args.overrides)
+    if args.data is not None:
+        root = demo_root(*lb.SYNTHETIC) if args.data == "synthetic" else Path(args.data)
+        train, val = (root / "train", root / "val") if args.data == "synthetic" else (root, root)
+        overrides += [f"data.train={train}", f"data.val={val}"]
+    cfg = load_config(args.file, overrides)
+    if args.sizes:
+        last = cfg.stages[-1]
+        cfg.stages = [
+            StageSpec(size, last.batch_size, 1, last.train, last.data) for size in int_list(args.sizes, "--sizes", 8)
+        ]
+    device, datasets, num_classes = prepare(cfg)
+    out_dir = new_run_dir(Path(args.out or cfg.run.out_dir), f"{cfg.run.name}-bench-loader")
+    print(f"{len(datasets.train)} training images in {datasets.train.root}; device {device}")
+    rows = lb.run_bench(cfg, datasets.train, num_classes, device, backends, workers, args.batches, args.repeats)
+    print()
+    print(lb.format_table(rows))
+    verdict_list = lb.verdicts(rows)
+    print()
+    for v in verdict_list:
+        cache = " (cache: decoded)" if v.backend == "cache" else ""
+        print(f"{v.img_size:>4}px: {v.text}; fastest: {v.backend}{cache}, workers {v.workers}")
+    write_json(out_dir / "bench_loader.json", rows)
+    if args.json:
+        write_json(args.json, rows)
+    lb.plot(rows, out_dir / "bench_loader.png")
+    print(f"wrote {out_dir / 'bench_loader.json'} and {out_dir / 'bench_loader.png'}")
+    if args.apply:
+        raw = lb.apply_settings(cfg.raw, verdict_list, [(s.img_size, s.batch_size) for s in cfg.stages])
+        target = args.file.with_name(args.file.stem + ".bench-loader.yaml")
+        try:
+            write_text(target, yaml.safe_dump(raw, sort_keys=False))
+        except OSError as e:
+            raise UserError(f"--apply: cannot write {target} ({e.strerror or e})") from None
+        print(f"wrote {target}; train with: python -m pipeline run {target}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.train.runner import run_training
@@ -108,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "lr-find": cmd_lr_find}[args.command](args)
+        return {"run": cmd_run, "lr-find": cmd_lr_find, "bench-loader": cmd_bench_loader}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

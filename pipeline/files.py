@@ -44,3 +44,15 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_png(path: str | Path, figure: Any, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG, written atomically (and the figure closed)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, write_png
 from pipeline.train.checkpoint import rng_state, seed_everything, set_rng_state
 
 DESCENT = 0.05  # a fall of the smoothed loss by 5% of its start counts as a real descent
@@ -218,7 +218,4 @@ def plot(result: RangeTest, path: Path, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    write_png(path, fig)

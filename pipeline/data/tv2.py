@@ -6,6 +6,7 @@ device (nvJPEG on CUDA); the augmentation code is the same for CPU and CUDA tens
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator
 
@@ -99,10 +100,35 @@ def draw_crops(heights: np.ndarray, widths: np.ndarray, seeds: np.ndarray, spec:
     return np.stack([top, left, h, w, flip], axis=1)
 
 
+_MASK = (1 << 64) - 1
+
+
+def _uniform(seed: int, k: int) -> float:
+    """`uniforms(seeds, ...)[:, k - 1]` for one seed, in Python integers."""
+    z = (seed + 0x9E3779B97F4A7C15 * k) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return ((z ^ (z >> 31)) >> 11) * 2.0**-53
+
+
 def draw_crop(height: int, width: int, seed: int, spec: LoaderSpec) -> tuple[int, int, int, int, bool]:
-    """One sample's box (top, left, h, w) and flip: `draw_crops` for a batch of one."""
-    top, left, h, w, flip = draw_crops(np.array([height]), np.array([width]), np.array([seed]), spec)[0].tolist()
-    return top, left, h, w, bool(flip)
+    """One sample's box (top, left, h, w) and flip: `draw_crops` for a batch of one, without numpy's
+    per-call cost (a worker draws one per decoded image)."""
+    s0, s1 = spec.scale
+    lo, hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
+    flip = _uniform(seed, 4 * ATTEMPTS + 1) < spec.hflip
+    for i in range(ATTEMPTS):
+        area = height * width * (s0 + (s1 - s0) * _uniform(seed, i + 1))
+        aspect = math.exp(lo + (hi - lo) * _uniform(seed, ATTEMPTS + i + 1))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = math.floor(_uniform(seed, 2 * ATTEMPTS + i + 1) * (height - h + 1))
+            left = math.floor(_uniform(seed, 3 * ATTEMPTS + i + 1) * (width - w + 1))
+            return top, left, h, w, flip
+    in_ratio = width / height
+    w = round(height * spec.ratio[1]) if in_ratio > spec.ratio[1] else width
+    h = round(width / spec.ratio[0]) if in_ratio < spec.ratio[0] else height
+    return (height - h) // 2, (width - w) // 2, h, w, flip
 
 
 def centre_box(height: int, width: int, spec: LoaderSpec) -> tuple[float, float, float, float]:
@@ -122,17 +148,20 @@ def augment(img: torch.Tensor, seed: int, spec: LoaderSpec, box: tuple[int, ...]
     """One uint8 3xHxW image (CPU or CUDA) -> uint8 3xSxS: random crop+flip (its `box` from
     `draw_crops`, or drawn here from `seed`), or resize+centre crop."""
     size = [spec.img_size, spec.img_size]
+    on_cpu = img.device.type == "cpu" and img.dtype == torch.uint8
     if spec.train:
         top, left, h, w, flip = box if box is not None else draw_crop(img.shape[-2], img.shape[-1], seed, spec)
-        crop = img[..., top : top + h, left : left + w]
-        if img.device.type == "cpu" and img.dtype == torch.uint8:  # the same kernel, without the dispatch
-            img = torch.nn.functional.interpolate(crop[None], size, mode="bilinear", antialias=True)[0]
+        crop = img[None, :, top : top + h, left : left + w]
+        if on_cpu:  # torch's vectorised uint8 resize wants channels_last (HWC) memory: twice as fast
+            crop = crop.contiguous(memory_format=torch.channels_last)
+            img = torch.nn.functional.interpolate(crop, size, mode="bilinear", antialias=True)[0]
         else:
-            img = F.resize(crop, size, antialias=True)
+            img = F.resize(crop, size, antialias=True)[0]
         return img.flip(-1) if flip else img
     # timm's crop_pct: resize the shorter side to size / crop_pct, then take the centre
-    img = F.resize(img, [math.floor(spec.img_size / spec.crop_pct)], antialias=True)
-    return F.center_crop(img, size)
+    x = img[None].contiguous(memory_format=torch.channels_last) if on_cpu else img[None]
+    x = F.resize(x, [math.floor(spec.img_size / spec.crop_pct)], antialias=True)
+    return F.center_crop(x, size)[0]
 
 
 def augment_block(block: torch.Tensor, seeds: list[int], spec: LoaderSpec) -> torch.Tensor:
@@ -144,27 +173,63 @@ def augment_block(block: torch.Tensor, seeds: list[int], spec: LoaderSpec) -> to
     return torch.stack([augment(img, 0, spec, tuple(box)) for img, box in zip(block, boxes)])
 
 
-def load_jpeg_cropped(path: str, seed: int, spec: LoaderSpec) -> np.ndarray | None:
-    """A JPEG straight to its SxSx3 uint8 crop, decoded at the smallest DCT scale (1/2, 1/4, 1/8)
-    that keeps the crop at least `img_size` pixels across; None for other formats or on any error
-    (the caller then decodes it fully and reports what fails)."""
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers: they carry the size
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header, walking the marker segments; None if not a JPEG."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif marker in SOF_MARKERS:
+            height, width = (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
+            return (height, width) if height and width else None
+        elif marker == 0xDA:  # scan data before any frame header
+            return None
+        else:
+            i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def load_jpeg_cropped(path: str, seed: int, spec: LoaderSpec) -> torch.Tensor | np.ndarray | None:
+    """A JPEG straight to its crop (3xSxS tensor or SxSx3 array, uint8). When the crop is at least
+    twice `img_size` across, PIL decodes at a reduced DCT scale (1/2, 1/4, 1/8) and resizes; else
+    libjpeg-turbo decodes it whole, in C, and torch crops and resizes. None for other formats or on
+    any error (the caller then decodes it fully and reports what fails)."""
     try:
-        with Image.open(path) as im:
-            if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        with open(path, "rb") as f:
+            data = f.read()
+        size = jpeg_size(data)
+        if size is None:
+            return None
+        height, width = size
+        if spec.train:
+            top, left, h, w, flip = draw_crop(height, width, seed, spec)
+        else:
+            (top, left, h, w), flip = centre_box(height, width, spec), False
+        k = 1
+        while k < 8 and min(h, w) >= 2 * k * spec.img_size:
+            k *= 2
+        if k == 1:
+            img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return augment(img, seed, spec) if img.shape[-2:] == (height, width) else None
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:
+            if im.mode not in ("RGB", "L"):
                 return None  # CMYK and others: the full decoder converts them
-            width, height = im.size
-            if spec.train:
-                top, left, h, w, flip = draw_crop(height, width, seed, spec)
-            else:
-                (top, left, h, w), flip = centre_box(height, width, spec), False
-            k = 1
-            while k < 8 and min(h, w) >= 2 * k * spec.img_size:
-                k *= 2
-            if k > 1:
-                im.draft("RGB", (math.ceil(width / k), math.ceil(height / k)))
+            im.draft("RGB", (math.ceil(width / k), math.ceil(height / k)))
+            im.load()
             fx, fy = im.size[0] / width, im.size[1] / height
             box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-            out = im.convert("RGB").resize((spec.img_size, spec.img_size), Image.BILINEAR, box=box, reducing_gap=None)
+            rgb = im if im.mode == "RGB" else im.convert("RGB")  # convert() would copy an RGB image
+            out = rgb.resize((spec.img_size, spec.img_size), Image.BILINEAR, box=box, reducing_gap=None)
             if flip:
                 out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             return np.asarray(out)
@@ -172,10 +237,24 @@ def load_jpeg_cropped(path: str, seed: int, spec: LoaderSpec) -> np.ndarray | No
         return None
 
 
+_STATS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def normalize(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """uint8 NCHW -> float, normalised with the ImageNet statistics, on the images' device."""
+    if images.device not in _STATS:
+        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+        _STATS[images.device] = mean, torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = _STATS[images.device]
+    x = images.float().sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
 class FolderDataset(Dataset):
     """Items are whole batches: a list of (index, seed) -> (images, labels, indices, seeds).
 
-    Workers mode: images is one uint8 BxSxSx3 tensor (NHWC: viewed as NCHW it is channels_last).
+    Workers mode: images is one BxCxSxS batch in channels_last memory, uint8 for a GPU (normalised
+    there) or already normalised float for CPU training.
     Device mode: the encoded JPEGs (and other formats decoded), packed in one flat tensor.
     Label -1 marks an unreadable file, reported by path in the main process.
     """
@@ -194,7 +273,8 @@ class FolderDataset(Dataset):
             block = torch.from_numpy(self.cache.gather(idxs))
             if self.spec.decode_on == "device":
                 return block, labels, idxs, seeds  # cropped in batch on the device
-            return augment_block(block.permute(0, 3, 1, 2), seeds, self.spec).permute(0, 2, 3, 1), labels, idxs, seeds
+            crops = augment_block(block.permute(0, 3, 1, 2), seeds, self.spec)
+            return self._finish(crops), labels, idxs, seeds
         if self.spec.decode_on == "device":
             items = []
             for k, (idx, _) in enumerate(batch):
@@ -210,11 +290,18 @@ class FolderDataset(Dataset):
             img = load_jpeg_cropped(path, seed, self.spec)
             if img is None:
                 try:
-                    img = augment(read_image(path), seed, self.spec).permute(1, 2, 0).numpy()
+                    img = augment(read_image(path), seed, self.spec)
                 except DataError:
                     labels[k], img = -1, 0
-            images[k] = img
-        return torch.from_numpy(images), labels, idxs, seeds
+            images[k] = img.permute(1, 2, 0).numpy() if isinstance(img, torch.Tensor) else img  # to HWC
+        return self._finish(torch.from_numpy(images).permute(0, 3, 1, 2)), labels, idxs, seeds
+
+    def _finish(self, images: torch.Tensor) -> torch.Tensor:
+        """Training on the CPU: normalised here, in the worker. The main process then does no tensor
+        work of its own, whose idle-spinning threads would take the CPU the workers need."""
+        if self.spec.device.type == "cpu":
+            return normalize(images, self.spec.channels_last)
+        return images  # uint8 NCHW (channels_last view): a quarter of the bytes to the GPU
 
     def _encoded(self, path: str) -> torch.Tensor | None:
         """JPEG bytes (decoded in batch on the device), or another format decoded here."""
@@ -262,9 +349,6 @@ class TV2Loader:
             pin_memory=on_cuda and spec.decode_on == "workers",
             persistent_workers=spec.workers > 0,
         )
-        shape = (1, 3, 1, 1)
-        self._mean = torch.tensor(IMAGENET_MEAN, device=spec.device).view(shape) * 255
-        self._std = torch.tensor(IMAGENET_STD, device=spec.device).view(shape) * 255
 
     def __len__(self) -> int:
         return len(self._loader)
@@ -290,9 +374,11 @@ class TV2Loader:
                 images = augment_block(data.to(device, non_blocking=True).permute(0, 3, 1, 2), seeds, self.spec)
             elif self.spec.decode_on == "device":
                 images = self._decode_on_device(_unpack(data), idxs, seeds)
-            else:  # NHWC uint8: the NCHW view is channels_last, moved as it is
-                images = data.permute(0, 3, 1, 2).to(device, non_blocking=True)
-            yield self._normalize(images), labels.to(device, non_blocking=True)
+            else:
+                images = data.to(device, non_blocking=True)
+            if images.dtype == torch.uint8:
+                images = normalize(images, self.spec.channels_last)
+            yield images, labels.to(device, non_blocking=True)
 
     def _decode_on_device(self, items: list[torch.Tensor], idxs: list[int], seeds: list[int]) -> torch.Tensor:
         """JPEG bytes are decoded here in one batch; other formats arrive decoded from the workers."""
@@ -311,10 +397,6 @@ class TV2Loader:
                 path = self.index.samples[idxs[i]][0]
                 images[i] = read_image(path).to(device, non_blocking=True)
         return torch.stack([augment(img, s, self.spec) for img, s in zip(images, seeds)])
-
-    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().sub_(self._mean).div_(self._std)
-        return x.contiguous(memory_format=torch.channels_last) if self.spec.channels_last else x
 
     def _raise_unreadable(self, idx: int) -> None:
         path = self.index.samples[idx][0]
