@@ -51,6 +51,16 @@ def make_loader(
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_home(tmp_path_factory):
+    """Decoded caches (and anything else kept between runs) go to a temporary folder, not ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    home = tmp_path_factory.mktemp("cache-home")
+    mp.setenv("PIPELINE_CACHE", str(home))
+    yield home
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """10 classes, 40 train / 20 val JPEGs of 32x32."""

@@ -26,6 +26,8 @@ HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
 LOADERS = [
     pytest.param({"decode_on": "workers"}, id="tv2-workers"),
     pytest.param({"decode_on": "device"}, id="tv2-device"),
+    pytest.param({"cache": "decoded"}, id="tv2-cache"),
+    pytest.param({"cache": "decoded", "decode_on": "device"}, id="tv2-cache-device"),
     pytest.param({"backend": "dali"}, id="dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="DALI not installed")),
 ]
 
@@ -98,9 +100,9 @@ def test_crops_are_drawn_per_sample_not_per_batch(tmp_path, kind):
     assert len(distinct) >= 12
 
 
-@pytest.mark.parametrize("kind", [LOADERS[0], LOADERS[2]])
+@pytest.mark.parametrize("kind", [k for k in LOADERS if k.id in ("tv2-workers", "tv2-cache", "dali")])
 def test_augmentation_is_seeded_and_independent_of_workers(splits, kind):
-    fewest = 1 if kind.get("backend") == "dali" else 0  # tv2: worker processes (0: none); DALI: threads
+    fewest = 1 if kind.get("backend") == "dali" else 0  # worker processes (0: none); DALI: threads
     a = [x for x, _ in make_loader(splits.train, workers=fewest, **kind)]
     b = [x for x, _ in make_loader(splits.train, workers=2, **kind)]
     assert len(a) == len(b) == 5

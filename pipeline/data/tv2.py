@@ -158,10 +158,12 @@ def augment(img: torch.Tensor, seed: int, spec: LoaderSpec, box: tuple[int, ...]
         else:
             img = F.resize(crop, size, antialias=True)[0]
         return img.flip(-1) if flip else img
-    # timm's crop_pct: resize the shorter side to size / crop_pct, then take the centre
-    x = img[None].contiguous(memory_format=torch.channels_last) if on_cpu else img[None]
-    x = F.resize(x, [math.floor(spec.img_size / spec.crop_pct)], antialias=True)
-    return F.center_crop(x, size)[0]
+    # timm's crop_pct: resize the shorter side to size / crop_pct, then take the centre (of one
+    # image, or of a batch of equal-sized ones)
+    x = img if img.ndim == 4 else img[None]
+    x = x.contiguous(memory_format=torch.channels_last) if on_cpu else x
+    x = F.center_crop(F.resize(x, [math.floor(spec.img_size / spec.crop_pct)], antialias=True), size)
+    return x if img.ndim == 4 else x[0]
 
 
 def augment_block(block: torch.Tensor, seeds: list[int], spec: LoaderSpec) -> torch.Tensor:
