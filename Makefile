@@ -20,6 +20,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/loader_backends.py
 
 clean:
 	rm -rf $(VENV) runs

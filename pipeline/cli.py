@@ -124,10 +124,12 @@ def int_list(text: str, option: str, least: int) -> list[int]:
 
 
 def cmd_bench_loader(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import yaml
 
     from pipeline import loader_bench as lb
-    from pipeline.config import StageSpec, load_config
+    from pipeline.config import StageSpec, cache_side, load_config
     from pipeline.data.demo import demo_root
     from pipeline.files import write_json, write_text
     from pipeline.train.runner import new_run_dir, prepare
@@ -145,10 +147,11 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
         overrides += [f"data.train={train}", f"data.val={val}"]
     cfg = load_config(args.file, overrides)
     if args.sizes:
+        sizes = int_list(args.sizes, "--sizes", 8)
         last = cfg.stages[-1]
-        cfg.stages = [
-            StageSpec(size, last.batch_size, 1, last.train, last.data) for size in int_list(args.sizes, "--sizes", 8)
-        ]
+        side = max(int(last.data.cache_size), cache_side(max(sizes), last.data.crop_pct))  # fits the largest
+        data = dataclasses.replace(last.data, cache_size=side)
+        cfg.stages = [StageSpec(size, last.batch_size, 1, last.train, data) for size in sizes]
     device, datasets, num_classes = prepare(cfg)
     out_dir = new_run_dir(Path(args.out or cfg.run.out_dir), f"{cfg.run.name}-bench-loader")
     print(f"{len(datasets.train)} training images in {datasets.train.root}; device {device}")

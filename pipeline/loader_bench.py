@@ -254,7 +254,7 @@ def run_bench(
 class StageVerdict:
     img_size: int
     batch_size: int
-    backend: str  # the fastest setting (classic excluded: it is only the reference)
+    backend: str  # the recommended setting (see `verdicts`)
     workers: int
     loader_images_per_s: float
     step_images_per_s: float
@@ -270,7 +270,13 @@ class StageVerdict:
         return f"compute-bound: the loader is {self.ratio:.1f}x the step"
 
 
+HEADROOM = 2.0  # a loader this many times faster than the step never makes it wait
+
+
 def verdicts(rows: list[dict]) -> list[StageVerdict]:
+    """Per stage: the fastest backend (classic excluded: it is only the reference) and, within it,
+    the fewest workers that still keep HEADROOM over the step (else its fastest count): workers the
+    loader does not need only take CPU from the step."""
     out = []
     for size, batch in dict.fromkeys((r["img_size"], r["batch_size"]) for r in rows):
         mine = [r for r in rows if (r["img_size"], r["batch_size"]) == (size, batch)]
@@ -278,8 +284,11 @@ def verdicts(rows: list[dict]) -> list[StageVerdict]:
         loaders = [r for r in mine if r["backend"] not in ("step", "classic")]
         if not loaders:
             raise ConfigError("--backends: name at least one of tv2, cache, dali besides classic")
-        best = max(loaders, key=lambda r: r["images_per_s"])
-        out.append(StageVerdict(size, batch, best["backend"], best["workers"], best["images_per_s"], step))
+        backend = max(loaders, key=lambda r: r["images_per_s"])["backend"]
+        options = sorted((r for r in loaders if r["backend"] == backend), key=lambda r: r["workers"])
+        enough = [r for r in options if r["images_per_s"] >= HEADROOM * step]
+        best = enough[0] if enough else max(options, key=lambda r: r["images_per_s"])
+        out.append(StageVerdict(size, batch, backend, best["workers"], best["images_per_s"], step))
     return out
 
 

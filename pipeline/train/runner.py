@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline.config import Config, StageSpec
-from pipeline.data import Datasets, Loader, build_loader, require_backend, scan_datasets
+from pipeline.config import Config, DataConfig, StageSpec
+from pipeline.data import Datasets, Loader, build_loader, require_backend, resolve_workers, scan_datasets
 from pipeline.errors import ConfigError, DataError, UserError
 from pipeline.files import write_json, write_text
 from pipeline.lr_finder import RangeTest, find_lr, plot, write_csv
@@ -189,6 +189,12 @@ def prepare(cfg: Config) -> tuple[torch.device, Datasets, int]:
     return device, datasets, resolve_num_classes(cfg, datasets)
 
 
+def describe_loader(data: DataConfig) -> str:
+    cache = " + decoded cache" if data.cache else ""
+    unit = "threads" if data.backend == "dali" else "workers"
+    return f"{data.backend}{cache}, {resolve_workers(data.workers)} {unit}"
+
+
 def run_training(cfg: Config, out_dir: Path | None = None, resume: Path | None = None) -> Path:
     """Train through every stage; returns the run folder. `resume`: a run folder to continue."""
     device, datasets, num_classes = prepare(cfg)
@@ -295,7 +301,7 @@ class StageRunner:
         print(
             f"stage {k}: {stage.img_size}px, batch {train_loader.batch_size}, {stage.epochs} epochs x "
             f"{len(train_loader)} steps; amp {precision.name}, compile {'on' if net is not self.model else 'off'}, "
-            f"mixup {'on' if step.mixup else 'off'}"
+            f"mixup {'on' if step.mixup else 'off'}; loader {describe_loader(stage.data)}"
         )
 
         def state() -> dict[str, Any]:
