@@ -76,10 +76,8 @@ def add_set(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    import yaml
 
     from pipeline.config import load_config
-    from pipeline.files import write_text
     from pipeline.train.runner import recommended_lr, run_lr_find
 
     if not 0 < args.start < args.end <= 1e4:
@@ -102,15 +100,25 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         if isinstance(stage.get("optimizer"), dict):
             stage["optimizer"].pop("lr", None)  # one spelling only, so the shortcut is what counts
         stage["lr"] = float(f"{lr:.3g}")
-        target = args.file.with_name(args.file.stem + ".lr-find.yaml")
-        if target.resolve() == args.file.resolve():
-            target = args.file.with_name(args.file.stem + ".lr-find-2.yaml")
-        try:
-            write_text(target, yaml.safe_dump(raw, sort_keys=False))
-        except OSError as e:
-            raise UserError(f"--apply: cannot write {target} ({e.strerror or e})") from None
+        target = write_applied(raw, args.file, "lr-find")
         print(f"wrote {target} (stages.{args.stage}.lr: {lr:.3g}); train with: python -m pipeline run {target}")
     return 0
+
+
+def write_applied(raw: dict, file: Path, tool: str) -> Path:
+    """`--apply`: the configuration written beside FILE as FILE.<tool>.yaml; FILE itself is never rewritten."""
+    import yaml
+
+    from pipeline.files import write_text
+
+    target = file.with_name(f"{file.stem}.{tool}.yaml")
+    if target.resolve() == file.resolve():
+        target = file.with_name(f"{file.stem}.{tool}-2.yaml")
+    try:
+        write_text(target, yaml.safe_dump(raw, sort_keys=False))
+    except OSError as e:
+        raise UserError(f"--apply: cannot write {target} ({e.strerror or e})") from None
+    return target
 
 
 def int_list(text: str, option: str, least: int) -> list[int]:
@@ -126,12 +134,10 @@ def int_list(text: str, option: str, least: int) -> list[int]:
 def cmd_bench_loader(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import yaml
-
     from pipeline import loader_bench as lb
     from pipeline.config import StageSpec, cache_side, load_config
     from pipeline.data.demo import demo_root
-    from pipeline.files import write_json, write_text
+    from pipeline.files import write_json
     from pipeline.train.runner import new_run_dir, prepare
 
     backends = lb.check_backends([b.strip() for b in args.backends.split(",") if b.strip()])
@@ -149,7 +155,7 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
     if args.sizes:
         sizes = int_list(args.sizes, "--sizes", 8)
         last = cfg.stages[-1]
-        side = max(int(last.data.cache_size), cache_side(max(sizes), last.data.crop_pct))  # fits the largest
+        side = max(int(last.data.cache_size), cache_side(max(sizes), last.data))  # fits the largest
         data = dataclasses.replace(last.data, cache_size=side)
         cfg.stages = [StageSpec(size, last.batch_size, 1, last.train, data) for size in sizes]
     device, datasets, num_classes = prepare(cfg)
@@ -162,7 +168,7 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
     print()
     for v in verdict_list:
         cache = " (cache: decoded)" if v.backend == "cache" else ""
-        print(f"{v.img_size:>4}px: {v.text}; fastest: {v.backend}{cache}, workers {v.workers}")
+        print(f"{v.img_size:>4}px: {v.text}; recommended: {v.backend}{cache}, workers {v.workers}")
     write_json(out_dir / "bench_loader.json", rows)
     if args.json:
         write_json(args.json, rows)
@@ -170,11 +176,7 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
     print(f"wrote {out_dir / 'bench_loader.json'} and {out_dir / 'bench_loader.png'}")
     if args.apply:
         raw = lb.apply_settings(cfg.raw, verdict_list, [(s.img_size, s.batch_size) for s in cfg.stages])
-        target = args.file.with_name(args.file.stem + ".bench-loader.yaml")
-        try:
-            write_text(target, yaml.safe_dump(raw, sort_keys=False))
-        except OSError as e:
-            raise UserError(f"--apply: cannot write {target} ({e.strerror or e})") from None
+        target = write_applied(raw, args.file, "bench-loader")
         print(f"wrote {target}; train with: python -m pipeline run {target}")
     return 0
 

@@ -249,7 +249,7 @@ def parse_config(raw: dict, base_dir: Path = Path(".")) -> Config:
                 raise ConfigError(f"data.{name}: folder {value!r} does not exist (an ImageFolder path, or `demo`)")
             setattr(data, name, str(p.resolve()))
     if data.cache_size == "auto":  # one cache serves every stage: just above the largest one
-        data.cache_size = cache_side(max(st.img_size for st in stages), data.crop_pct)
+        data.cache_size = cache_side(max(st.img_size for st in stages), data)
     for i, (stage, stage_raw) in enumerate(zip(stages, stages_raw)):
         stage_data = _stage_data(raw.get("data") or {}, stage_raw.get("data"), f"stages.{i}.data")
         stage.data = dataclasses.replace(stage_data, train=data.train, val=data.val, cache_size=data.cache_size)
@@ -266,9 +266,11 @@ def parse_config(raw: dict, base_dir: Path = Path(".")) -> Config:
     return Config(stages=stages, raw=resolved, **sections)
 
 
-def cache_side(img_size: int, crop_pct: float) -> int:
-    """The cached squares' side: validation's resize target (img_size / crop_pct), up to a multiple of 8."""
-    return math.ceil(img_size / crop_pct / 8) * 8
+def cache_side(img_size: int, data: DataConfig) -> int:
+    """The cached squares' side for `img_size` crops, up to a multiple of 8: large enough that the
+    smallest random crop (area `scale[0]`) is not upsampled, and that validation's resize
+    (img_size / crop_pct) is not either."""
+    return math.ceil(max(img_size / math.sqrt(data.scale[0]), img_size / data.crop_pct) / 8) * 8
 
 
 # Loader keys a stage may set for itself (`data: {backend: dali, workers: 2}`); the dataset stays one.

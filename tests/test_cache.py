@@ -72,7 +72,8 @@ def test_stages_share_one_decode(folder, monkeypatch):
         x, _ = next(iter(ld))
         shapes.append((tuple(x.shape[-2:]), ld.cache.side))
     assert len(builds) == 1 and builds[0] == 40
-    assert shapes == [((16, 16), 24), ((24, 24), 32), ((32, 32), 40)]
+    # each stage reads a square large enough for its smallest crop (16 px: 32), up to the decoded 40
+    assert shapes == [((16, 16), 32), ((24, 24), 40), ((32, 32), 40)]
 
 
 def test_cache_too_small_for_a_stage_is_refused(folder):

@@ -122,7 +122,8 @@ def test_stage_data_overrides_are_checked(tiny_config, write_yaml, capsys):
     cfg = load_config(write_yaml(tiny_config))
     assert (cfg.stages[0].data.workers, cfg.stages[0].data.cache) == (1, "decoded")
     assert (cfg.stages[1].data.workers, cfg.stages[1].data.cache) == (0, None)
-    assert cfg.stages[0].data.train == cfg.data.train and cfg.data.cache_size == 32  # 24 / 0.875, to 8s
+    # 24 px stages: the smallest crop (35% of the area) must not be upsampled: 24 / sqrt(0.35), to 8s
+    assert cfg.stages[0].data.train == cfg.data.train and cfg.data.cache_size == 48
     assert yaml.safe_load(yaml.safe_dump(cfg.raw))["stages"][0]["data"] == {"workers": 1, "cache": "decoded"}
 
 

@@ -98,11 +98,12 @@ def build_loader(
     cache = None
     if cfg.cache == "decoded":
         field = "data.train" if train else "data.val"
-        stage_side = cache_side(img_size, cfg.crop_pct)
+        stage_side = cache_side(img_size, cfg)
         side = stage_side if cfg.cache_size == "auto" else int(cfg.cache_size)
         cache = open_cache(index, side, spec.workers, field)  # decoded once, at the run's largest size
         check_cache_side(cache, img_size, cfg.crop_pct)
-        cache = smaller_cache(cache, stage_side)
+        if train:  # crops from a square just large enough; validation resizes the full one, once
+            cache = smaller_cache(cache, stage_side)
     return TV2Loader(index, spec, cache)
 
 

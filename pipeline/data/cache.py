@@ -81,21 +81,30 @@ def smaller_cache(cache: DecodedCache, side: int) -> DecodedCache:
     path = cache.path.with_name(f"{cache.path.stem}-{side}.npy")
     if not path.is_file():
         source = cache.array()
-        fd, tmp = tempfile.mkstemp(suffix=".npy.tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(cache.size, side, side, 3))
+
+        def fill(out: np.ndarray) -> None:
             for first in range(0, cache.size, 256):
                 block = torch.from_numpy(np.array(source[first : first + 256])).permute(0, 3, 1, 2)
                 small = F.resize(block, [side, side], antialias=True)
                 out[first : first + len(block)] = small.permute(0, 2, 3, 1).numpy()
-            out.flush()
-            del out
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        write_array(path, (cache.size, side, side, 3), fill)
     return DecodedCache(path=path, side=side, size=cache.size)
+
+
+def write_array(path: Path, shape: tuple[int, ...], fill) -> None:
+    """A uint8 .npy file of `shape`, filled by `fill(array)` in a temp file beside it, then renamed."""
+    fd, tmp = tempfile.mkstemp(suffix=".npy.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        fill(out)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def build_cache(index: ImageFolderIndex, side: int, workers: int, path: Path, field: str) -> None:
@@ -103,26 +112,20 @@ def build_cache(index: ImageFolderIndex, side: int, workers: int, path: Path, fi
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     print(f"{field}: decoding {len(index)} images once into {path} ({side}x{side})", file=sys.stderr)
-    fd, tmp = tempfile.mkstemp(suffix=".npy.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(index), side, side, 3))
-        loader = DataLoader(
-            SquareDataset(index, side),
-            batch_size=None,
-            sampler=BatchSampler(SequentialSampler(range(len(index))), 64, drop_last=False),
-            num_workers=workers,
-        )
+    loader = DataLoader(
+        SquareDataset(index, side),
+        batch_size=None,
+        sampler=BatchSampler(SequentialSampler(range(len(index))), 64, drop_last=False),
+        num_workers=workers,
+    )
+
+    def fill(out: np.ndarray) -> None:
         for first, block, error in loader:
             if error:
                 raise DataError(error)
             out[first : first + len(block)] = block.numpy()
-        out.flush()
-        del out
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_array(path, (len(index), side, side, 3), fill)
     mb = path.stat().st_size / 2**20
     print(f"{field}: cache ready in {time.perf_counter() - start:.1f} s ({mb:.0f} MB)", file=sys.stderr)
 
