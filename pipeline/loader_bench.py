@@ -323,7 +323,7 @@ def plot(rows: list[dict], path: Path) -> None:
     from pipeline.files import write_png
 
     sizes = sorted({r["img_size"] for r in rows})
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for backend in [b for b in BACKENDS if any(r["backend"] == b for r in rows)]:
         best = [
             max((r["images_per_s"] for r in rows if r["backend"] == backend and r["img_size"] == s), default=math.nan)
@@ -341,7 +341,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks(sizes)
     ax.set_title("Loader throughput per stage size, against the model step")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, never on them
     fig.tight_layout()
     write_png(path, fig, dpi=120)
 
