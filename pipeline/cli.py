@@ -76,7 +76,6 @@ def add_set(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-
     from pipeline.config import load_config
     from pipeline.train.runner import recommended_lr, run_lr_find
 
@@ -134,6 +133,8 @@ def int_list(text: str, option: str, least: int) -> list[int]:
 def cmd_bench_loader(args: argparse.Namespace) -> int:
     import dataclasses
 
+    import yaml
+
     from pipeline import loader_bench as lb
     from pipeline.config import StageSpec, cache_side, load_config
     from pipeline.data.demo import demo_root
@@ -144,8 +145,10 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
     workers = int_list(args.workers, "--workers", 0)
     if args.batches < 1 or args.repeats < 1:
         raise UserError(f"--batches {args.batches} / --repeats {args.repeats}: need at least 1")
-    if args.sizes and args.apply:
-        raise UserError("--apply writes settings for the file's own stages: drop --sizes")
+    if (args.sizes or args.data) and args.apply:
+        raise UserError("--apply writes settings for the file's own stages and data: drop --sizes and --data")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
     overrides = list(args.overrides)
     if args.data is not None:
         root = demo_root(*lb.SYNTHETIC) if args.data == "synthetic" else Path(args.data)
@@ -171,11 +174,16 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
         print(f"{v.img_size:>4}px: {v.text}; recommended: {v.backend}{cache}, workers {v.workers}")
     write_json(out_dir / "bench_loader.json", rows)
     if args.json:
-        write_json(args.json, rows)
+        try:
+            write_json(args.json, rows)
+        except OSError as e:
+            raise UserError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
     lb.plot(rows, out_dir / "bench_loader.png")
     print(f"wrote {out_dir / 'bench_loader.json'} and {out_dir / 'bench_loader.png'}")
     if args.apply:
         raw = lb.apply_settings(cfg.raw, verdict_list, [(s.img_size, s.batch_size) for s in cfg.stages])
+        if "cache_size" not in (yaml.safe_load(args.file.read_text()).get("data") or {}):
+            raw["data"]["cache_size"] = "auto"  # as the file had it: sized again if its stages change
         target = write_applied(raw, args.file, "bench-loader")
         print(f"wrote {target}; train with: python -m pipeline run {target}")
     return 0

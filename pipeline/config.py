@@ -237,8 +237,7 @@ def parse_config(raw: dict, base_dir: Path = Path(".")) -> Config:
     stages = [_parse_stage(s, train_raw, f"stages.{i}") for i, s in enumerate(stages_raw)]
 
     data: DataConfig = sections["data"]
-    if data.cache is not None and data.backend != "tv2":
-        raise ConfigError("data.cache: the decoded cache feeds the tv2 loader; use data.backend: tv2 with it")
+    _check_cache_backend(data, "data")
     for name in ("train", "val"):
         value = getattr(data, name)
         if value != "demo":
@@ -248,11 +247,19 @@ def parse_config(raw: dict, base_dir: Path = Path(".")) -> Config:
             if not p.is_dir():
                 raise ConfigError(f"data.{name}: folder {value!r} does not exist (an ImageFolder path, or `demo`)")
             setattr(data, name, str(p.resolve()))
-    if data.cache_size == "auto":  # one cache serves every stage: just above the largest one
-        data.cache_size = cache_side(max(st.img_size for st in stages), data)
     for i, (stage, stage_raw) in enumerate(zip(stages, stages_raw)):
         stage_data = _stage_data(raw.get("data") or {}, stage_raw.get("data"), f"stages.{i}.data")
-        stage.data = dataclasses.replace(stage_data, train=data.train, val=data.val, cache_size=data.cache_size)
+        stage.data = dataclasses.replace(stage_data, train=data.train, val=data.val)
+    if data.cache_size == "auto":  # one cache serves every stage: large enough for each stage's own keys
+        data.cache_size = max(cache_side(st.img_size, st.data) for st in stages)
+    for i, stage in enumerate(stages):
+        stage.data.cache_size = data.cache_size
+        least = math.floor(stage.img_size / stage.data.crop_pct)
+        if stage.data.cache and data.cache_size < least:
+            raise ConfigError(
+                f"data.cache_size: {data.cache_size} is too small for stage {i} ({stage.img_size}px, whose "
+                f"validation resizes to {least}); use auto or at least {least}"
+            )
     model: ModelConfig = sections["model"]
     if model.pretrained is not None and not Path(model.pretrained).expanduser().is_file():
         raise ConfigError(f"model.pretrained: file {model.pretrained!r} does not exist")
@@ -287,9 +294,13 @@ def _stage_data(data_raw: dict, override: Any, path: str) -> DataConfig:
             hint = "; the dataset is the same for every stage" if key in ("train", "val") else ""
             raise ConfigError(f"{path}.{key}: not a per-stage loader key{hint}{_suggest(str(key), STAGE_DATA_KEYS)}")
     data = parse_dataclass(DataConfig, {**data_raw, **override}, path)
+    _check_cache_backend(data, path)
+    return data
+
+
+def _check_cache_backend(data: DataConfig, path: str) -> None:
     if data.cache is not None and data.backend != "tv2":
         raise ConfigError(f"{path}.cache: the decoded cache feeds the tv2 loader; use backend: tv2 with it")
-    return data
 
 
 def _parse_stage(stage: Any, train_raw: dict, path: str) -> StageSpec:

@@ -24,6 +24,7 @@ from pipeline.config import Config, DataConfig, StageSpec
 from pipeline.data import Loader, build_loader, require_backend
 from pipeline.data.folder import ImageFolderIndex
 from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.tv2 import shutdown_workers
 from pipeline.errors import ConfigError
 from pipeline.train.step import synchronize
 
@@ -36,7 +37,6 @@ class LoaderSpeed:
     images_per_s: float  # after the warm-up batches, across epoch boundaries
     first_batch_s: float  # from the first iteration to the first batch
     cpu_percent: float = 0.0  # CPU time of this process and its workers over wall time, x100
-    gpu_memory_mb: float | None = None  # device memory the loader holds (CUDA only)
 
 
 def endless(loader: Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -62,11 +62,17 @@ def measure_loader(loader: Loader, batches: int, warmup: int = 5) -> LoaderSpeed
         images += x.shape[0]
     synchronize(device)
     wall = time.perf_counter() - start
-    gpu = None
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        gpu = (total - free) / 2**20
-    return LoaderSpeed(images / wall, first, 100 * (cpu_seconds() - cpu0) / wall, gpu)
+    return LoaderSpeed(images / wall, first, 100 * (cpu_seconds() - cpu0) / wall)
+
+
+def gpu_free_mb(device: torch.device) -> float | None:
+    """Free device memory after handing torch's cached blocks back (CUDA only), so the drop across a
+    loader's life is what the loader itself holds: its batches, DALI's pools, the JPEG decoder."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0] / 2**20
 
 
 def cpu_seconds() -> float:
@@ -127,9 +133,7 @@ class ClassicLoader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def close(self) -> None:
-        iterator = getattr(self._loader, "_iterator", None)
-        if iterator is not None:
-            iterator._shutdown_workers()
+        shutdown_workers(self._loader)
 
 
 def make_loader(
@@ -211,18 +215,21 @@ def run_bench(
             for backend in backends
             for w in (sorted({max(1, w) for w in workers}) if backend == "dali" else workers)  # DALI: >= 1 thread
         ]
-        runs: dict[tuple[str, int], list[tuple[LoaderSpeed, float]]] = {s: [] for s in settings}
+        runs: dict[tuple[str, int], list[tuple[LoaderSpeed, float, float | None]]] = {s: [] for s in settings}
         for _ in range(repeats):
             for backend, w in settings:
+                free = gpu_free_mb(device)
                 setup = time.perf_counter()
                 loader = make_loader(cfg, stage, index, backend, w, device)
                 setup = time.perf_counter() - setup
                 try:
-                    runs[(backend, w)].append((measure_loader(loader, batches), setup))
+                    speed = measure_loader(loader, batches)
+                    held = None if free is None else free - gpu_free_mb(device)  # pools, buffers, decoder
+                    runs[(backend, w)].append((speed, setup, held))
                 finally:
                     loader.close()
         for (backend, w), measured in runs.items():
-            speeds = [m for m, _ in measured]
+            speeds = [m for m, _, _ in measured]
             row = {
                 **key,
                 "backend": backend,
@@ -230,10 +237,10 @@ def run_bench(
                 "images_per_s": round(statistics.median(m.images_per_s for m in speeds), 1),
                 "first_batch_s": round(statistics.median(m.first_batch_s for m in speeds), 3),
                 "cpu_percent": round(statistics.median(m.cpu_percent for m in speeds), 1),
-                "setup_s": round(max(setup for _, setup in measured), 3),
+                "setup_s": round(max(setup for _, setup, _ in measured), 3),
             }
-            if speeds[0].gpu_memory_mb is not None:
-                row["gpu_memory_mb"] = round(max(m.gpu_memory_mb for m in speeds), 1)
+            if measured[0][2] is not None:
+                row["gpu_memory_mb"] = round(max(held for _, _, held in measured), 1)
             if repeats > 1:
                 row["passes"] = [round(m.images_per_s, 1) for m in speeds]
             rows.append(row)
@@ -282,8 +289,6 @@ def verdicts(rows: list[dict]) -> list[StageVerdict]:
         mine = [r for r in rows if (r["img_size"], r["batch_size"]) == (size, batch)]
         step = next(r["images_per_s"] for r in mine if r["backend"] == "step")
         loaders = [r for r in mine if r["backend"] not in ("step", "classic")]
-        if not loaders:
-            raise ConfigError("--backends: name at least one of tv2, cache, dali besides classic")
         backend = max(loaders, key=lambda r: r["images_per_s"])["backend"]
         options = sorted((r for r in loaders if r["backend"] == backend), key=lambda r: r["workers"])
         enough = [r for r in options if r["images_per_s"] >= HEADROOM * step]
@@ -293,12 +298,14 @@ def verdicts(rows: list[dict]) -> list[StageVerdict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per stage and setting, with each against classic at the same worker count."""
+    """One line per stage and setting, with each against classic at the same worker count (and the
+    device memory a loader holds, on CUDA)."""
     classic = {(r["img_size"], r["workers"]): r["images_per_s"] for r in rows if r["backend"] == "classic"}
+    gpu = any("gpu_memory_mb" in r for r in rows)
     lines = [
         f"{'size':>4} {'batch':>5} {'backend':<8} {'workers':>7} {'img/s':>9} "
-        f"{'x classic':>9} {'first s':>7} {'CPU %':>6}",
-        "-" * 62,
+        f"{'x classic':>9} {'first s':>7} {'CPU %':>6}" + (f" {'GPU MB':>7}" if gpu else ""),
+        "-" * (70 if gpu else 62),
     ]
     for r in rows:
         if r["backend"] == "step":
@@ -309,6 +316,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"{r['img_size']:>4} {r['batch_size']:>5} {r['backend']:<8} {r['workers']:>7} {r['images_per_s']:>9.1f} "
             f"{vs:>9} {r['first_batch_s']:>7.2f} {r['cpu_percent']:>6.0f}"
+            + (f" {r.get('gpu_memory_mb', 0):>7.0f}" if gpu else "")
         )
     return "\n".join(lines)
 
@@ -377,6 +385,8 @@ def check_backends(names: list[str]) -> list[str]:
     for name in names:
         if name not in BACKENDS:
             raise ConfigError(f"--backends: unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if not set(names) - {"classic"}:
+        raise ConfigError("--backends: name at least one of tv2, cache, dali besides classic (the reference)")
     for name in names:
         if name == "dali":
             require_backend("dali")

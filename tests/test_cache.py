@@ -104,3 +104,84 @@ def test_crop_draws_follow_torchvision_and_agree_one_by_one():
         for q in (0.1, 0.5, 0.9):  # the same distribution: quantiles within sampling noise
             assert abs(np.quantile(a, q) - np.quantile(b, q)) < 0.05, (name, q)
     assert 0.45 < ours[:, 4].mean() < 0.55  # flips
+
+
+def jpeg_bytes(img: Image.Image, **save) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def test_jpeg_size_reads_the_frame_header():
+    from pipeline.data.tv2 import jpeg_size
+
+    rgb = Image.new("RGB", (501, 375), (10, 200, 30))
+    assert jpeg_size(jpeg_bytes(rgb)) == (375, 501)
+    assert jpeg_size(jpeg_bytes(rgb, progressive=True)) == (375, 501)
+    exif = Image.Exif()
+    exif[0x010E] = "a description long enough to make a real APP1 segment" * 20
+    assert jpeg_size(jpeg_bytes(rgb, exif=exif)) == (375, 501)
+    assert jpeg_size(jpeg_bytes(rgb.convert("L"))) == (375, 501)
+    assert jpeg_size(jpeg_bytes(rgb.convert("CMYK"))) == (375, 501)
+    assert jpeg_size(jpeg_bytes(rgb)[:20]) is None  # cut before the frame header
+    assert jpeg_size(b"\x89PNG\r\n\x1a\n" + bytes(40)) is None
+
+
+@pytest.mark.parametrize("size, scale", [(200, 1), (120, 2), (60, 4), (30, 8)])
+def test_reduced_decoding_takes_the_scale_it_can(size, scale):
+    # 501 x 375: sides not multiples of the scale (PIL's draft then needs the floor of the size)
+    import io
+
+    from pipeline.data.folder import dct_scale, jpeg_region
+    from pipeline.data.tv2 import augment
+
+    g = np.random.default_rng(0)
+    smooth = torch.nn.functional.interpolate(torch.tensor(g.random((1, 3, 24, 32)), dtype=torch.float32), (375, 501))
+    src = Image.fromarray((smooth[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    data = jpeg_bytes(src, quality=95)
+    box = (40, 10, 375, 360)  # left, top, w, h
+    assert dct_scale(min(box[2:]), size) == scale
+    with Image.open(io.BytesIO(data)) as im:
+        ours = jpeg_region(im, box, size)
+        decoded = im.size
+    assert decoded[0] == -(-501 // scale)  # the scale asked for is the one taken
+    whole = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    spec = LoaderSpec(size, 1, True, torch.device("cpu"), 0)
+    crop = read_image_bytes(whole)[:, 10:370, 40:415]
+    reference = augment(crop, 0, spec, (0, 0, 360, 375, 0))
+    assert ours.shape == (size, size, 3)
+    # mean |difference| in grey levels: measured <= 3.7; the box 8 px off (one pixel at 1/8) gives >= 26
+    assert np.abs(ours.astype(float) - reference.permute(1, 2, 0).numpy()).mean() < 6
+
+
+def read_image_bytes(data: torch.Tensor) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(data, mode=ImageReadMode.RGB)
+
+
+def test_folders_with_similar_names_keep_their_own_caches(tmp_path):
+    roots = []
+    for name in ("a_b", "a.b"):
+        for c in ("x", "y"):
+            (tmp_path / name / c).mkdir(parents=True)
+            Image.new("RGB", (16, 16), (100 if name == "a_b" else 200, 0, 0)).save(tmp_path / name / c / "0.jpg")
+        roots.append(scan_image_folder(tmp_path / name, "data.train"))
+    first = open_cache(roots[0], 16, 0, "data.train")
+    second = open_cache(roots[1], 16, 0, "data.train")
+    assert first.path != second.path and first.path.exists() and second.path.exists()
+    assert first.array()[0, ..., 0].mean() < 150 < second.array()[0, ..., 0].mean()
+
+
+def test_cache_size_fits_every_stage(tiny_config, write_yaml):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    tiny_config["data"]["cache"] = "decoded"
+    tiny_config["stages"][0]["data"] = {"crop_pct": 0.25}  # a 16 px stage that validates from 64 px
+    assert load_config(write_yaml(tiny_config)).data.cache_size == 64
+    tiny_config["data"]["cache_size"] = 40
+    with pytest.raises(ConfigError, match=r"data.cache_size: 40 is too small for stage 0 \(16px.*resizes to 64\)"):
+        load_config(write_yaml(tiny_config))

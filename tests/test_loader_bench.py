@@ -46,8 +46,6 @@ def test_cli_measures_every_stage_backend_and_worker_count(tiny_config, write_ya
 
     applied = load_config(path.with_name("stages.bench-loader.yaml"))
     for v, stage in zip(verdicts(rows), applied.stages):
-        mine = [r for r in rows if r["img_size"] == stage.img_size and r["backend"] not in ("step", "classic")]
-        assert v.backend == max(mine, key=lambda r: r["images_per_s"])["backend"]  # the faster backend
         assert stage.data.workers == v.workers
         assert stage.data.backend == ("tv2" if v.backend == "cache" else v.backend)
         assert (stage.data.cache == "decoded") == (v.backend == "cache")

@@ -7,6 +7,7 @@ files' paths, labels, sizes and modification times, so a changed dataset gets a 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import math
 import os
@@ -24,7 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.data.demo import demo_cache_dir
-from pipeline.data.folder import ImageFolderIndex, read_image
+from pipeline.data.folder import ImageFolderIndex, jpeg_region, read_image
 from pipeline.errors import DataError
 
 CACHE_VERSION = 1
@@ -61,15 +62,26 @@ def cache_key(index: ImageFolderIndex, side: int) -> str:
 
 
 def open_cache(index: ImageFolderIndex, side: int, workers: int, field: str) -> DecodedCache:
-    """The cache for this split and side, built first if the dataset has none (or has changed)."""
+    """The cache for this split and side, built first if the dataset has none (or has changed).
+
+    One process builds it at a time (a lock file beside it); the others then find it built.
+    """
     root = demo_cache_dir() / "decoded"
-    stem = re.sub(r"[^A-Za-z0-9]+", "-", str(index.root)).strip("-")[-80:] + f"-{side}"
+    root.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9]+", "-", str(index.root)).strip("-")[-60:]
+    stem = f"{name}-{hashlib.sha1(str(index.root).encode()).hexdigest()[:8]}-{side}"  # one per folder and side
     path = root / f"{stem}-{cache_key(index, side)}.npy"
     if not path.is_file():
-        build_cache(index, side, workers, path, field)
-        for stale in root.glob(f"{stem}-*.npy"):  # the same split and side, for files since changed
-            if not stale.name.startswith(path.stem):
-                stale.unlink(missing_ok=True)
+        with open(root / f"{stem}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.is_file():
+                build_cache(index, side, workers, path, field)
+                for stale in root.glob(f"{stem}-*.npy"):  # this folder and side, for files since changed
+                    if not stale.name.startswith(path.stem):
+                        stale.unlink(missing_ok=True)
+                for tmp in root.glob("*.npy.tmp"):  # left by a build that was killed a day or more ago
+                    if time.time() - tmp.stat().st_mtime > 86400:
+                        tmp.unlink(missing_ok=True)
     return DecodedCache(path=path, side=side, size=len(index))
 
 
@@ -156,16 +168,7 @@ def central_square(path: str, side: int) -> np.ndarray:
             if im.format == "JPEG" and im.mode in ("RGB", "L"):
                 width, height = im.size
                 short = min(width, height)
-                k = 1
-                while k < 8 and short >= 2 * k * side:
-                    k *= 2
-                if k > 1:
-                    im.draft("RGB", (math.ceil(width / k), math.ceil(height / k)))
-                fx, fy = im.size[0] / width, im.size[1] / height
-                left, top = (width - short) / 2, (height - short) / 2
-                box = (left * fx, top * fy, (left + short) * fx, (top + short) * fy)
-                out = im.convert("RGB").resize((side, side), Image.BILINEAR, box=box, reducing_gap=None)
-                return np.asarray(out)
+                return jpeg_region(im, ((width - short) / 2, (height - short) / 2, short, short), side)
     except Exception:  # noqa: BLE001 - decoded again below, which names the problem
         pass
     img = read_image(path)  # raises a DataError naming the file

@@ -80,3 +80,27 @@ def read_image(path: str) -> torch.Tensor:
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
     except Exception as e:
         raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def dct_scale(region: float, size: int) -> int:
+    """The JPEG decode scale (1, 2, 4 or 8) that keeps a region `region` pixels across at least
+    `size` pixels across: no upsampling, and never decoding more than twice what is needed."""
+    k = 1
+    while k < 8 and region >= 2 * k * size:
+        k *= 2
+    return k
+
+
+def jpeg_region(im: Image.Image, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """The region (left, top, w, h) of an opened RGB or grayscale JPEG, resized to size x size (HWC
+    uint8), decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps it `size` pixels across."""
+    width, height = im.size
+    left, top, w, h = box
+    k = dct_scale(min(w, h), size)
+    if k > 1:
+        im.draft("RGB", (width // k, height // k))  # PIL takes the largest scale that still gives this size
+    im.load()
+    s = round(width / im.size[0])  # the scale it took: scaled pixel j covers original pixels [j*s, (j+1)*s)
+    rgb = im if im.mode == "RGB" else im.convert("RGB")  # convert() would copy an RGB image
+    region = (left / s, top / s, (left + w) / s, (top + h) / s)
+    return np.asarray(rgb.resize((size, size), Image.BILINEAR, box=region, reducing_gap=None))

@@ -18,7 +18,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.data.cache import DecodedCache
-from pipeline.data.folder import ImageFolderIndex, read_image
+from pipeline.data.folder import ImageFolderIndex, dct_scale, jpeg_region, read_image
 from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, sample_seeds, shard_bounds
 from pipeline.errors import DataError
 
@@ -217,24 +217,14 @@ def load_jpeg_cropped(path: str, seed: int, spec: LoaderSpec) -> torch.Tensor | 
             top, left, h, w, flip = draw_crop(height, width, seed, spec)
         else:
             (top, left, h, w), flip = centre_box(height, width, spec), False
-        k = 1
-        while k < 8 and min(h, w) >= 2 * k * spec.img_size:
-            k *= 2
-        if k == 1:
+        if dct_scale(min(h, w), spec.img_size) == 1:  # decoded whole: libjpeg-turbo in C, torch resizes
             img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             return augment(img, seed, spec) if img.shape[-2:] == (height, width) else None
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:
             if im.mode not in ("RGB", "L"):
                 return None  # CMYK and others: the full decoder converts them
-            im.draft("RGB", (math.ceil(width / k), math.ceil(height / k)))
-            im.load()
-            fx, fy = im.size[0] / width, im.size[1] / height
-            box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-            rgb = im if im.mode == "RGB" else im.convert("RGB")  # convert() would copy an RGB image
-            out = rgb.resize((spec.img_size, spec.img_size), Image.BILINEAR, box=box, reducing_gap=None)
-            if flip:
-                out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            return np.asarray(out)
+            out = jpeg_region(im, (left, top, w, h), spec.img_size)
+            return out[:, ::-1] if flip else out
     except Exception:  # noqa: BLE001 - decoded again by the full path, which names the problem
         return None
 
@@ -348,7 +338,7 @@ class TV2Loader:
             batch_size=None,
             sampler=BatchSampler(self.sampler, spec.batch_size, drop_last=spec.train),
             num_workers=spec.workers,
-            pin_memory=on_cuda and spec.decode_on == "workers",
+            pin_memory=on_cuda and (spec.decode_on == "workers" or cache is not None),  # batches cross to the GPU
             persistent_workers=spec.workers > 0,
         )
 
@@ -407,7 +397,12 @@ class TV2Loader:
 
     def close(self) -> None:
         """Stop the workers and drop the loader (stages rebuild loaders; memory must not grow)."""
-        iterator = getattr(self._loader, "_iterator", None)
-        if iterator is not None:
-            iterator._shutdown_workers()  # persistent workers otherwise live until garbage collection
+        shutdown_workers(self._loader)
         self._loader = None
+
+
+def shutdown_workers(loader: DataLoader | None) -> None:
+    """Stop a DataLoader's persistent workers now (they otherwise live until garbage collection)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()
