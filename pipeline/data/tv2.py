@@ -56,16 +56,16 @@ class EpochSampler(Sampler):
 
 
 ATTEMPTS = 10  # as torchvision's RandomResizedCrop
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_STEP, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64
 
 
 def uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
     """`count` uniform [0, 1) numbers per seed (splitmix64 of seed and position): per-sample
     randomness drawn for a whole batch at once, independent of batch composition and workers."""
     with np.errstate(over="ignore"):
-        z = seeds.astype(np.uint64)[:, None] + _GOLDEN * np.arange(1, count + 1, dtype=np.uint64)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = seeds.astype(np.uint64)[:, None] + np.uint64(_STEP) * np.arange(1, count + 1, dtype=np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
         z = z ^ (z >> np.uint64(31))
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
@@ -105,9 +105,9 @@ _MASK = (1 << 64) - 1
 
 def _uniform(seed: int, k: int) -> float:
     """`uniforms(seeds, ...)[:, k - 1]` for one seed, in Python integers."""
-    z = (seed + 0x9E3779B97F4A7C15 * k) & _MASK
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    z = (seed + _STEP * k) & _MASK
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK
     return ((z ^ (z >> 31)) >> 11) * 2.0**-53
 
 
@@ -213,18 +213,16 @@ def load_jpeg_cropped(path: str, seed: int, spec: LoaderSpec) -> torch.Tensor | 
         if size is None:
             return None
         height, width = size
-        if spec.train:
-            top, left, h, w, flip = draw_crop(height, width, seed, spec)
-        else:
-            (top, left, h, w), flip = centre_box(height, width, spec), False
+        box = draw_crop(height, width, seed, spec) if spec.train else None
+        top, left, h, w = box[:4] if box else centre_box(height, width, spec)
         if dct_scale(min(h, w), spec.img_size) == 1:  # decoded whole: libjpeg-turbo in C, torch resizes
             img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            return augment(img, seed, spec) if img.shape[-2:] == (height, width) else None
+            return augment(img, seed, spec, box) if img.shape[-2:] == (height, width) else None
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:
             if im.mode not in ("RGB", "L"):
                 return None  # CMYK and others: the full decoder converts them
             out = jpeg_region(im, (left, top, w, h), spec.img_size)
-            return out[:, ::-1] if flip else out
+            return out[:, ::-1] if box and box[4] else out
     except Exception:  # noqa: BLE001 - decoded again by the full path, which names the problem
         return None
 
