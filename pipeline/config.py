@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,6 +66,18 @@ def ratio_check(v: Any) -> str | None:
     return None if 0 < lo <= hi else f"must be [low, high] with 0 < low <= high, got {list(v)}"
 
 
+def betas_check(v: Any) -> str | None:
+    return None if all(0 <= b < 1 for b in v) else f"must be two numbers in [0, 1), got {list(v)}"
+
+
+def freeze_check(v: Any) -> str | None:
+    if isinstance(v, list):
+        return None if all(isinstance(g, str) and g for g in v) else f"must be a list of group names, got {v!r}"
+    if v in ("none", "all_but_head") or re.fullmatch(r"all_but_last_[1-9]\d*", v):
+        return None
+    return f"must be none, all_but_head, all_but_last_N (e.g. all_but_last_2) or a list of groups, got {v!r}"
+
+
 def checked(default: Any, check: Check) -> Any:
     """A dataclass field with a default and a value check."""
     return field(default=default, metadata={"check": check})
@@ -99,7 +112,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet18"
-    pretrained: str | None = None  # a local weights file; nothing is downloaded
+    # a local weights file (timm/torchvision state dict or a checkpoint of ours); `true`: timm's own
+    # download, for machines with hub access
+    pretrained: bool | str | None = None
     num_classes: int | Literal["auto"] = checked("auto", classes_check)
 
 
@@ -110,16 +125,33 @@ class OptimizerConfig:
     momentum: float = checked(0.9, unit_closed)
     weight_decay: float = checked(5.0e-5, non_negative)
     nesterov: bool = True
+    betas: tuple[float, float] | None = checked(None, betas_check)  # Adam-family; null: the optimizer's own
+    eps: float | None = checked(None, positive)
+
+
+SCHEDULES = ("onecycle", "cosine", "exponential", "multistep", "cyclic", "constant")
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["onecycle"] = "onecycle"
+    """The LR over one stage, stepped once per optimizer step; every group peaks at its own LR."""
+
+    name: Literal["onecycle", "cosine", "exponential", "multistep", "cyclic", "constant"] = "onecycle"
+    # onecycle
     pct_start: float = checked(0.25, unit_open)
     div_factor: float = checked(25.0, positive)
     final_div_factor: float = checked(1.0e4, positive)
     base_momentum: float = checked(0.85, unit_closed)
     max_momentum: float = checked(0.95, unit_closed)
+    # the others: a linear warm-up from warmup_factor x the LR, then the schedule
+    warmup_epochs: float = checked(0.0, non_negative)
+    warmup_factor: float = checked(0.01, unit_closed)
+    min_lr_ratio: float = checked(0.0, unit_closed)  # cosine's floor and cyclic's low end, as a fraction of the LR
+    cycles: int = checked(1, at_least_one)  # cosine: restarts split the stage into this many equal cycles
+    cycle_decay: float = checked(1.0, positive)  # cosine: each restart's peak, relative to the previous one
+    gamma: float | None = checked(None, positive)  # exponential: per epoch (0.8); multistep: per milestone (0.1)
+    milestones: list[float] | None = None  # multistep: epochs of the stage (default: at 1/2 and 3/4 of it)
+    cycle_epochs: float | None = checked(None, positive)  # cyclic: one up-and-down (default: half the stage)
 
 
 @dataclass
@@ -131,6 +163,12 @@ class MixupConfig:
 
 
 @dataclass
+class EmaConfig:
+    decay: float = checked(0.999, unit_open)
+    warmup: bool = True  # timm's warm-up: the decay grows with the step count, so early weights fade fast
+
+
+@dataclass
 class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -139,6 +177,16 @@ class TrainConfig:
     channels_last: bool = True
     label_smoothing: float = checked(0.1, lambda v: None if 0 <= v < 1 else f"must be in [0, 1), got {v!r}")
     mixup: MixupConfig | None = field(default_factory=MixupConfig)  # None: off
+    # Fine-tuning. Groups are the model's stem, block1..blockN and head (printed at the start of a run).
+    freeze: str | list[str] = checked("none", freeze_check)  # none | all_but_head | all_but_last_N | [groups]
+    freeze_bn: bool = False  # BatchNorm running statistics stay fixed in training (frozen groups: always)
+    freeze_bn_affine: bool = False  # and BatchNorm's weight and bias are not trained either
+    layer_decay: float | None = checked(None, lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v!r}")
+    lr_mult: dict[str, float] = field(default_factory=dict)  # per-group LR multipliers, e.g. {head: 10}
+    accum_steps: int = checked(1, at_least_one)  # micro-batches per optimizer step
+    clip_grad: float | None = checked(None, positive)
+    clip_mode: Literal["norm", "value", "agc"] = "norm"
+    ema: EmaConfig | None = None  # e.g. {decay: 0.999}; evaluated and checkpointed beside the weights
 
 
 @dataclass
@@ -261,7 +309,7 @@ def parse_config(raw: dict, base_dir: Path = Path(".")) -> Config:
                 f"validation resizes to {least}); use auto or at least {least}"
             )
     model: ModelConfig = sections["model"]
-    if model.pretrained is not None and not Path(model.pretrained).expanduser().is_file():
+    if isinstance(model.pretrained, str) and not Path(model.pretrained).expanduser().is_file():
         raise ConfigError(f"model.pretrained: file {model.pretrained!r} does not exist")
     _check_arch(model.arch)
     _check_optimizer(sections["train"].optimizer, "train.optimizer")
@@ -372,6 +420,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if type(None) in options and (value is None or value is False or value == "off"):
             return None  # `off`/`false`/`null` switch an optional section off
         options = [o for o in options if o is not type(None)]
+        if isinstance(value, (list, dict)):  # a list or mapping is checked against its own option only
+            kinds = (list, tuple) if isinstance(value, list) else (dict,)
+            options = [o for o in options if typing.get_origin(o) in kinds] or options
         if len(options) == 1:
             return _coerce(value, options[0], path)
         errors = []
@@ -397,6 +448,18 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path}: must be a list of {len(args)} numbers, got {value!r}")
         return tuple(_coerce(v, a, f"{path}.{i}") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # one item may be written bare
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: must be a list, got {_type_name(value)}")
+        return [_coerce(v, item, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: must be a mapping, got {_type_name(value)}")
+        return {_coerce(k, key_type, path): _coerce(v, value_type, f"{path}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: must be true or false, got {value!r}")

@@ -168,16 +168,18 @@ def find_lr(
     model_state = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
     rng = rng_state()
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     try:
         if seed is not None:
             seed_everything(seed)
-        model.train()
+        if not model.training:  # a model in train mode keeps its own (frozen BatchNorm stays in eval)
+            model.train()
         return range_test(step, optimizer, batches, **kwargs)
     finally:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
         set_rng_state(rng)
 
 

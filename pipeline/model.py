@@ -1,22 +1,35 @@
-"""The timm model: architecture, class count and local pretrained weights.
+"""The timm model: architecture, class count, local pretrained weights, and its parameter groups.
 
-Nothing is downloaded: `model.pretrained` is a file (timm/torchvision state dict or our checkpoint).
+Groups (stem, block1..blockN, head) come from timm's `group_matcher`, so freezing, layer-wise LRs
+and LR multipliers mean the same for a ResNet, an EfficientNet, a ConvNeXt or a ViT.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import timm
 import torch
-from timm.models import load_state_dict
+from timm.models import group_parameters, load_state_dict
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import ConfigError
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     """Create `cfg.arch` with `num_classes` outputs, loading local weights if given."""
-    model = timm.create_model(cfg.arch, pretrained=False, num_classes=num_classes)
-    if cfg.pretrained:
+    hub = cfg.pretrained is True  # timm's own download; only where the hub can be reached
+    try:
+        model = timm.create_model(cfg.arch, pretrained=hub, num_classes=num_classes)
+    except Exception as e:
+        if not hub:
+            raise
+        raise ConfigError(
+            f"model.pretrained: true needs timm's download of {cfg.arch!r}, which failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160]}); give a local weights file instead"
+        ) from None
+    if isinstance(cfg.pretrained, str):
         load_pretrained(model, cfg.pretrained)
     return model
 
@@ -42,3 +55,139 @@ def load_pretrained(model: torch.nn.Module, path: str) -> None:
         + (f"; missing: {', '.join(result.missing_keys[:8])}" if result.missing_keys else "")
         + (f"; unexpected: {', '.join(result.unexpected_keys[:8])}" if result.unexpected_keys else "")
     )
+
+
+@dataclass
+class ParamGroups:
+    """The model's named groups, in forward order, and each parameter's group."""
+
+    names: list[str]  # stem, block1, ..., blockN, head
+    of_param: dict[str, str]  # parameter name -> group name
+
+    def params_of(self, group: str) -> list[str]:
+        return [p for p, g in self.of_param.items() if g == group]
+
+    def describe(self) -> str:
+        blocks = [n for n in self.names if n.startswith("block")]
+        middle = [f"{blocks[0]}..{blocks[-1]}"] if len(blocks) > 2 else blocks
+        return ", ".join([n for n in self.names if n == "stem"] + middle + [n for n in self.names if n == "head"])
+
+
+def param_groups(model: torch.nn.Module) -> ParamGroups:
+    """stem / block1..N / head from timm's coarse group_matcher; the head is the group holding the
+    classifier (with what timm puts beside it, e.g. ConvNeXt's head norm)."""
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_params = {id(p) for p in classifier.parameters()} if isinstance(classifier, torch.nn.Module) else set()
+    names = [n for n, _ in model.named_parameters()]
+    by_id = dict(model.named_parameters())
+    if hasattr(model, "group_matcher"):
+        ordinal = group_parameters(model, model.group_matcher(coarse=True))  # {group index: [param names]}
+        groups = [ordinal[k] for k in sorted(ordinal)]
+    else:  # no matcher: body and head
+        groups = [[n for n in names if id(by_id[n]) not in head_params]]
+    head_idx = next((i for i, g in enumerate(groups) if any(id(by_id[n]) in head_params for n in g)), None)
+    if head_idx is not None:  # the classifier's group, and anything after it
+        head = [n for g in groups[head_idx:] for n in g]
+        groups = groups[:head_idx]
+    else:
+        head = []
+    stem_pattern = model.group_matcher(coarse=True).get("stem") if hasattr(model, "group_matcher") else None
+    labels: list[str] = []
+    for i, group in enumerate(groups):
+        if i == 0 and stem_pattern and all(re.match(stem_pattern, n) for n in group):
+            labels.append("stem")
+        else:
+            labels.append(f"block{len(labels) + (0 if labels[:1] == ['stem'] else 1)}")
+    of_param: dict[str, str] = {}
+    for label, group in zip(labels, groups):
+        for n in group:
+            of_param[n] = label
+    if head:
+        labels.append("head")
+        for n in head:
+            of_param[n] = "head"
+    return ParamGroups(labels, of_param)
+
+
+NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
+
+
+def frozen_groups(spec: str | list[str], groups: ParamGroups, field: str) -> list[str]:
+    """The groups a stage's `freeze` names: none, all_but_head, all_but_last_N or a list."""
+    if isinstance(spec, list):
+        unknown = [g for g in spec if g not in groups.names]
+        if unknown:
+            raise ConfigError(f"{field}: no group {unknown[0]!r} in this model; its groups are {groups.describe()}")
+        return [g for g in groups.names if g in spec]
+    if spec == "none":
+        return []
+    keep = 1 if spec == "all_but_head" else int(spec.rsplit("_", 1)[1])
+    if keep > len(groups.names):
+        raise ConfigError(f"{field}: {spec} keeps more groups than the model has ({groups.describe()})")
+    return groups.names[: len(groups.names) - keep]
+
+
+@dataclass
+class FreezePlan:
+    """What one stage trains: frozen parameters get no gradient and no optimizer state; the listed
+    BatchNorm layers keep their running statistics (they are put in eval mode after every train())."""
+
+    frozen: list[str]  # group names
+    fixed_norms: list[torch.nn.Module]
+    trainable: int  # parameters (elements) left to train
+
+    def train_mode(self, model: torch.nn.Module) -> None:
+        model.train()
+        for m in self.fixed_norms:
+            m.eval()
+
+
+def apply_freeze(model: torch.nn.Module, tc: TrainConfig, groups: ParamGroups, field: str) -> FreezePlan:
+    """Set requires_grad for a stage's `freeze`, `freeze_bn` and `freeze_bn_affine`."""
+    frozen = frozen_groups(tc.freeze, groups, f"{field}.freeze")
+    frozen_params = {p for g in frozen for p in groups.params_of(g)}
+    fixed_norms = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, NORM_TYPES):
+            continue
+        own = [f"{module_name}.{n}" for n, _ in module.named_parameters(recurse=False)]
+        in_frozen = bool(own) and all(n in frozen_params for n in own)
+        if tc.freeze_bn or in_frozen:
+            fixed_norms.append(module)
+        if tc.freeze_bn_affine:
+            frozen_params.update(own)
+    trainable = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen_params)
+        trainable += p.numel() if p.requires_grad else 0
+    if trainable == 0:
+        raise ConfigError(f"{field}.freeze: freezes every parameter; leave at least the head trainable")
+    return FreezePlan(frozen, fixed_norms, trainable)
+
+
+def optimizer_param_groups(model: torch.nn.Module, tc: TrainConfig, groups: ParamGroups, field: str) -> list[dict]:
+    """Trainable parameters in optimizer groups, each with an `lr_scale`: layer decay (timm's
+    per-layer rule, finest layers of its group_matcher) times the stage's `lr_mult` for its group.
+    Norms, biases and the model's no_weight_decay() parameters get no weight decay."""
+    unknown = [g for g in tc.lr_mult if g not in groups.names]
+    if unknown:
+        raise ConfigError(f"{field}.lr_mult: no group {unknown[0]!r} in this model; its groups are {groups.describe()}")
+    layer_scale: dict[str, float] = {}
+    if tc.layer_decay is not None:
+        if hasattr(model, "group_matcher"):
+            layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+        else:
+            layer_of = {n: i for i, n in enumerate(groups.names)}  # fallback: one layer per group
+            layer_of = {p: layer_of[g] for p, g in groups.of_param.items()}
+        top = max(layer_of.values())
+        layer_scale = {p: tc.layer_decay ** (top - layer_of.get(p, top)) for p in groups.of_param}
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    weight_decay = tc.optimizer.weight_decay
+    buckets: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = 0.0 if p.ndim <= 1 or name in skip else weight_decay
+        scale = layer_scale.get(name, 1.0) * tc.lr_mult.get(groups.of_param.get(name, ""), 1.0)
+        buckets.setdefault((scale, decay), []).append(p)
+    return [{"params": ps, "lr_scale": s, "weight_decay": d} for (s, d), ps in sorted(buckets.items())]

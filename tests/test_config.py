@@ -67,7 +67,7 @@ BAD = [
     ({"train": {"optimizer": {"lr": -0.1}}}, "train.optimizer.lr: must be > 0"),
     ({"train": {"optimizer": {"lr": "fast"}}}, "train.optimizer.lr: must be a number"),
     ({"train": {"schedule": {"pct_start": 1.5}}}, "train.schedule.pct_start: must be between 0 and 1"),
-    ({"train": {"schedule": {"name": "cosine"}}}, "train.schedule.name: must be one of onecycle"),
+    ({"train": {"schedule": {"name": "cosinus"}}}, "train.schedule.name: must be one of onecycle, cosine"),
     ({"train": {"amp": "fp8"}}, "train.amp: must be one of auto, bf16, fp16, off"),
     ({"train": {"channels_last": "yes"}}, "train.channels_last: must be true or false"),
     ({"train": {"label_smoothing": 1.0}}, "train.label_smoothing: must be in [0, 1)"),

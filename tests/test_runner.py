@@ -92,14 +92,13 @@ def test_scheduler_runs_exactly_its_steps_for_any_batch_size(tiny_config, tmp_pa
 
 def test_weights_are_carried_across_stages(tiny_config, tmp_path, monkeypatch):
     starts = []
-    real = runner_mod.build_optimizer
+    real = runner_mod.build_train_step
 
-    def spy(model, cfg):
-        if not isinstance(model, torch.nn.Linear):  # the config check builds one on a probe layer
-            starts.append({k: v.clone() for k, v in model.state_dict().items()})
-        return real(model, cfg)
+    def spy(net, *args, **kwargs):  # once per stage, before its first step
+        starts.append({k: v.clone() for k, v in net.state_dict().items()})
+        return real(net, *args, **kwargs)
 
-    monkeypatch.setattr(runner_mod, "build_optimizer", spy)
+    monkeypatch.setattr(runner_mod, "build_train_step", spy)
     run_dir = train(tiny_config, tmp_path)
     assert len(starts) == 2
     end_of_stage0 = load_checkpoint(run_dir / "checkpoints" / "stage0.pt")["state_dict"]

@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline.config import Config, DataConfig, StageSpec
+from pipeline.config import Config, DataConfig, EmaConfig, StageSpec
 from pipeline.data import Datasets, Loader, build_loader, require_backend, resolve_workers, scan_datasets
 from pipeline.errors import ConfigError, DataError, UserError
 from pipeline.files import write_json, write_text
 from pipeline.lr_finder import RangeTest, find_lr, plot, write_csv
-from pipeline.model import build_model
+from pipeline.model import ParamGroups, apply_freeze, build_model, optimizer_param_groups, param_groups
 from pipeline.report import MetricsLog, epoch_bar, format_summary
 from pipeline.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything
 from pipeline.train.schedule import build_optimizer, build_scheduler, current_lr_momentum
-from pipeline.train.step import Precision, TrainStep, build_train_step, compile_model
+from pipeline.train.step import Precision, TrainStep, WeightEma, build_train_step, compile_model
 
 
 @dataclass
@@ -163,6 +163,17 @@ def check_input_sizes(model: torch.nn.Module, cfg: Config, device: torch.device)
         model.train()
 
 
+def check_groups(model: torch.nn.Module, cfg: Config, groups: ParamGroups) -> None:
+    """Every stage's `freeze` and `lr_mult` name groups this model has, before any training."""
+    try:
+        for i, stage in enumerate(cfg.stages):
+            apply_freeze(model, stage.train, groups, f"stages.{i}")
+            optimizer_param_groups(model, stage.train, groups, f"stages.{i}")
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
 def _differences(old: Any, new: Any, path: str = ""):
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new), key=str):
@@ -214,13 +225,16 @@ def run_training(cfg: Config, out_dir: Path | None = None, resume: Path | None =
     else:
         model = build_model(cfg.model, num_classes).to(device)
         check_input_sizes(model, cfg, device)
+    groups = param_groups(model)
+    check_groups(model, cfg, groups)
+    if resume is None:
         run_dir = new_run_dir(Path(out_dir or cfg.run.out_dir), cfg.run.name)
     write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.raw, sort_keys=False))
     print(
         f"run folder {run_dir}\ndevice {device}; {len(datasets.train)} train / {len(datasets.val)} val images, "
-        f"{num_classes} classes; model {cfg.model.arch}"
+        f"{num_classes} classes; model {cfg.model.arch} (groups {groups.describe()})"
     )
-    runner = StageRunner(cfg, run_dir, device, datasets, model, num_classes)
+    runner = StageRunner(cfg, run_dir, device, datasets, model, num_classes, groups)
     try:
         runner.run(progress, checkpoint)
     finally:
@@ -231,9 +245,19 @@ def run_training(cfg: Config, out_dir: Path | None = None, resume: Path | None =
 class StageRunner:
     """Holds what lives for the whole run: the model, its compiled form, the metrics log."""
 
-    def __init__(self, cfg: Config, run_dir: Path, device: torch.device, datasets: Datasets, model, num_classes: int):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        device: torch.device,
+        datasets: Datasets,
+        model,
+        num_classes: int,
+        groups: ParamGroups,
+    ):
         self.cfg, self.run_dir, self.device, self.datasets = cfg, run_dir, device, datasets
-        self.model, self.num_classes = model, num_classes
+        self.model, self.num_classes, self.groups = model, num_classes, groups
+        self.ema: WeightEma | None = None  # created by the first stage with `ema`; lives through the run
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self._compiled: torch.nn.Module | None = None
         # Each stage compiles one training and one evaluation graph; keep them all cached.
@@ -250,6 +274,9 @@ class StageRunner:
     def run(self, progress: Progress, checkpoint: dict[str, Any] | None) -> None:
         cfg = self.cfg
         run_start = time.perf_counter()
+        if checkpoint is not None and checkpoint.get("state_dict_ema") is not None:
+            self.ema = WeightEma(self.model, cfg.stages[progress.stage].train.ema or cfg.train.ema or EmaConfig())
+            self.ema.load_state_dict(checkpoint["state_dict_ema"], checkpoint.get("ema_updates", 0))
         for k in range(progress.stage, len(cfg.stages)):
             stage = cfg.stages[k]
             resume_state = checkpoint if (checkpoint is not None and progress.epoch > 0) else None
@@ -277,8 +304,20 @@ class StageRunner:
         )
         if tc.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        plan = apply_freeze(self.model, tc, self.groups, f"stages.{k}")
+        plan.train_mode(self.model)
+        if tc.ema is not None:
+            if self.ema is None:
+                self.ema = WeightEma(self.model, tc.ema)
+            self.ema.configure(tc.ema)
+            if tc.channels_last:
+                self.ema.module.to(memory_format=torch.channels_last)
+        ema = self.ema if tc.ema is not None else None
         find = tc.optimizer.lr == "find"
-        optimizer = build_optimizer(self.model, replace(tc.optimizer, lr=1.0) if find else tc.optimizer)
+        optimizer = build_optimizer(
+            optimizer_param_groups(self.model, tc, self.groups, f"stages.{k}"),
+            replace(tc.optimizer, lr=1.0) if find else tc.optimizer,
+        )
         net = self.network(stage)
         if find and resume_state is None:  # a resumed stage gets its LRs back from the optimizer state
             result = stage_range_test(
@@ -290,8 +329,9 @@ class StageRunner:
                 group["lr"] *= lr  # the placeholder 1.0 kept each group's ratio
             self.metrics.write({"kind": "lr_find", "stage": k, "epoch": 0, "lr": lr, **result.suggestions})
             print(f"stage {k}: lr find suggests {lr:.3g} ({result.recommendation}); {result.stop_reason}")
-        scheduler = build_scheduler(optimizer, tc.schedule, total_steps=len(train_loader) * stage.epochs)
-        step = build_train_step(net, optimizer, scheduler, tc, device, self.num_classes)
+        per_epoch = TrainStep.steps_per_epoch(len(train_loader), tc.accum_steps)
+        scheduler = build_scheduler(optimizer, tc.schedule, per_epoch * stage.epochs, per_epoch)
+        step = build_train_step(net, optimizer, scheduler, tc, device, self.num_classes, ema=ema)
         precision, scaler = step.precision, step.scaler
         if resume_state is not None:
             optimizer.load_state_dict(resume_state["optimizer"])
@@ -302,6 +342,10 @@ class StageRunner:
             f"stage {k}: {stage.img_size}px, batch {train_loader.batch_size}, {stage.epochs} epochs x "
             f"{len(train_loader)} steps; amp {precision.name}, compile {'on' if net is not self.model else 'off'}, "
             f"mixup {'on' if step.mixup else 'off'}; loader {describe_loader(stage.data)}"
+            + (f"; frozen {', '.join(plan.frozen)}" if plan.frozen else "")
+            + (f"; {len(plan.fixed_norms)} BatchNorm layers fixed" if plan.fixed_norms else "")
+            + (f"; {tc.accum_steps} micro-batches per step" if tc.accum_steps > 1 else "")
+            + (f"; EMA {tc.ema.decay}" if tc.ema else "")
         )
 
         def state() -> dict[str, Any]:
@@ -314,6 +358,8 @@ class StageRunner:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
+                "state_dict_ema": self.ema.state_dict() if self.ema is not None else None,
+                "ema_updates": self.ema.updates if self.ema is not None else 0,
                 "progress": asdict(progress),
                 "rng": rng_state(),
                 "config": cfg.raw,
@@ -323,8 +369,11 @@ class StageRunner:
         for epoch in range(progress.epoch, stage.epochs):
             seed_everything(derive_seed(stage_seed, epoch))  # Mixup draws; resumed epochs repeat exactly
             train_loader.set_epoch(epoch)
+            plan.train_mode(self.model)
+            step.start_epoch(len(train_loader))
             seconds, images, train_loss = self.train_epoch(k, epoch, stage, step, train_loader, optimizer)
             val = evaluate(net, val_loader, precision, device)
+            val_ema = evaluate(ema.module, val_loader, precision, device) if ema is not None else None
             progress.epoch = epoch + 1
             progress.stage_seconds += seconds
             progress.stage_images += images
@@ -339,12 +388,15 @@ class StageRunner:
                 "train_seconds": round(seconds, 3),
                 "train_images_per_s": round(images / seconds, 1),
                 **{f"val_{key}": v for key, v in val.items()},
+                **{f"val_ema_{key}": v for key, v in (val_ema or {}).items() if key != "samples"},
             }
             self.metrics.write(record)
             self.metrics.flush()
             print(
                 f"stage {k} epoch {epoch}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
-                f"top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}% ({seconds:.1f} s, {images / seconds:.0f} img/s)"
+                f"top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%"
+                + (f", EMA top-1 {val_ema['top1']:.2f}%" if val_ema else "")
+                + f" ({seconds:.1f} s, {images / seconds:.0f} img/s)"
             )
             if progress.epoch == stage.epochs:  # the stage is done: record it before saving
                 progress.stages.append(
@@ -355,6 +407,7 @@ class StageRunner:
                         "seconds": round(progress.stage_seconds, 2),
                         "train_images_per_s": round(progress.stage_images / progress.stage_seconds, 1),
                         "val_top1": val["top1"],
+                        **({"val_ema_top1": val_ema["top1"]} if val_ema else {}),
                     }
                 )
                 progress.seconds += progress.stage_seconds
@@ -429,7 +482,7 @@ def stage_range_test(
     **kwargs,
 ) -> RangeTest:
     """The LR range test with this stage's loader, AMP, Mixup and label smoothing; leaves no trace."""
-    step = build_train_step(net, optimizer, None, stage.train, device, num_classes)
+    step = build_train_step(net, optimizer, None, stage.train, device, num_classes, accumulate=False)
     passes = iter(range(10**6))
 
     def batches():
@@ -477,7 +530,10 @@ def run_lr_find(cfg: Config, stage_index: int, out_dir: Path | None = None, **kw
         channels_last=stage.train.channels_last,
     )
     placeholder = replace(stage.train.optimizer, lr=1.0)  # the test sets the LR; groups keep their ratios
-    optimizer = build_optimizer(model, placeholder)
+    groups = param_groups(model)
+    field = f"stages.{stage_index}"
+    apply_freeze(model, stage.train, groups, field).train_mode(model)  # the stage's frozen groups stay frozen
+    optimizer = build_optimizer(optimizer_param_groups(model, stage.train, groups, field), placeholder)
     try:
         result = stage_range_test(model, net, optimizer, stage, loader, device, num_classes, stage_seed, **kwargs)
     finally:
@@ -488,7 +544,9 @@ def run_lr_find(cfg: Config, stage_index: int, out_dir: Path | None = None, **kw
 
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, loader: Loader, precision: Precision, device: torch.device) -> dict[str, float]:
-    """Loss, top-1 and top-5 (percent) over every validation sample exactly once."""
+    """Loss, top-1 and top-5 (percent) over every validation sample exactly once; leaves every
+    module in the train/eval mode it found (frozen BatchNorm layers stay in eval)."""
+    modes = [(m, m.training) for m in net.modules()]
     net.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct1 = torch.zeros((), device=device, dtype=torch.long)
@@ -507,7 +565,8 @@ def evaluate(net: torch.nn.Module, loader: Loader, precision: Precision, device:
         correct1 += hits[:, 0].sum()
         correct5 += hits.any(dim=1).sum()
         count += n
-    net.train()
+    for m, training in modes:
+        m.training = training
     count = max(count, 1)
     return {
         "loss": round(loss_sum.item() / count, 5),

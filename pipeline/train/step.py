@@ -1,17 +1,20 @@
-"""One training step: Mixup/CutMix on the device, AMP forward, backward, optimizer and LR step.
+"""One training step: Mixup/CutMix on the device, AMP forward, backward; every `accum_steps`
+micro-batches gradient clipping, the optimizer, the LR schedule and the weights' EMA.
 
 Also the precision choice (bf16 needs no GradScaler; fp16 does) and torch.compile.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3, dispatch_clip_grad
 
-from pipeline.config import MixupConfig, TrainConfig
+from pipeline.config import EmaConfig, MixupConfig, TrainConfig
 
 COMPILE_BACKEND = "inductor"  # tests swap in a counting backend
 
@@ -67,8 +70,42 @@ def build_mixup(cfg: MixupConfig | None, label_smoothing: float, num_classes: in
     )
 
 
+class WeightEma:
+    """timm's ModelEmaV3 of `source` (the raw model), updated after each optimizer step; its update
+    count drives timm's decay warm-up and is checkpointed with it. One EMA lives through every stage."""
+
+    def __init__(self, source: torch.nn.Module, cfg: EmaConfig):
+        self.source = source
+        self.ema = ModelEmaV3(source, decay=cfg.decay, use_warmup=cfg.warmup)
+        self.updates = 0
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ema.module
+
+    def configure(self, cfg: EmaConfig) -> None:
+        """A stage's own `ema` settings."""
+        self.ema.decay, self.ema.use_warmup = cfg.decay, cfg.warmup
+
+    def update(self) -> None:
+        self.updates += 1
+        self.ema.update(self.source, step=self.updates)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict, updates: int) -> None:
+        self.module.load_state_dict(state)
+        self.updates = updates
+
+
 class TrainStep:
-    """Callable on a device batch; returns the detached loss without synchronising."""
+    """Callable on a device batch; returns the detached loss without synchronising.
+
+    With `accum_steps` > 1 each call is a micro-batch: losses are averaged over the window and the
+    optimizer steps at its end; the last window of an epoch may be shorter (`start_epoch` says how
+    many batches the epoch has), so every batch counts and the step count is ceil(batches / accum).
+    """
 
     def __init__(
         self,
@@ -80,31 +117,66 @@ class TrainStep:
         mixup: Mixup | None,
         label_smoothing: float,
         scaler: torch.amp.GradScaler | None = None,
+        accum_steps: int = 1,
+        clip_grad: float | None = None,
+        clip_mode: str = "norm",
+        ema: WeightEma | None = None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.precision, self.device, self.mixup = precision, device, mixup
-        self.scaler = scaler
+        self.scaler, self.accum_steps, self.ema = scaler, accum_steps, ema
+        self.clip_grad, self.clip_mode = clip_grad, clip_mode
         # Mixup's targets already carry the label smoothing
         self.criterion = (
             SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         )
+        self.optimizer_steps = 0
+        self.start_epoch(None)
+
+    def start_epoch(self, batches: int | None) -> None:
+        self._batch, self._batches = 0, batches
+
+    @staticmethod
+    def steps_per_epoch(batches: int, accum_steps: int) -> int:
+        return math.ceil(batches / accum_steps)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        i, accum = self._batch, self.accum_steps
+        self._batch += 1
+        window_start = i - i % accum
+        remaining = self._batches - window_start if self._batches is not None else accum
+        window = max(1, min(accum, remaining))  # the epoch's last window may be shorter
         if self.mixup is not None:
             images, labels = self.mixup(images, labels)
         with self.precision.autocast(self.device):
             loss = self.criterion(self.model(images), labels)
-        self.optimizer.zero_grad(set_to_none=True)
+        if i % accum == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        scaled = loss / window if window > 1 else loss
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+        if i - window_start == window - 1:  # the window is complete
+            self._optimizer_step()
+        return loss.detach()
+
+    def _optimizer_step(self) -> None:
+        if self.clip_grad is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            dispatch_clip_grad(params, self.clip_grad, mode=self.clip_mode)
+        if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
+        self.optimizer_steps += 1
         if self.scheduler is not None:  # None: the LR range test sets the LR itself
             self.scheduler.step()
-        return loss.detach()
+        if self.ema is not None:
+            self.ema.update()
 
 
 def build_train_step(
@@ -114,9 +186,25 @@ def build_train_step(
     cfg: TrainConfig,
     device: torch.device,
     num_classes: int,
+    ema: WeightEma | None = None,
+    accumulate: bool = True,
 ) -> TrainStep:
-    """The step a stage's training settings describe: precision, GradScaler (fp16 only), Mixup."""
+    """The step a stage's training settings describe: precision, GradScaler (fp16 only), Mixup,
+    accumulation (unless `accumulate` is off, as for the LR range test), clipping, EMA."""
     precision = resolve_precision(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     mixup = build_mixup(cfg.mixup, cfg.label_smoothing, num_classes)
-    return TrainStep(net, optimizer, scheduler, precision, device, mixup, cfg.label_smoothing, scaler)
+    return TrainStep(
+        net,
+        optimizer,
+        scheduler,
+        precision,
+        device,
+        mixup,
+        cfg.label_smoothing,
+        scaler,
+        accum_steps=cfg.accum_steps if accumulate else 1,
+        clip_grad=cfg.clip_grad,
+        clip_mode=cfg.clip_mode,
+        ema=ema,
+    )
