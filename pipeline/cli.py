@@ -61,6 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--apply", action="store_true", help="write FILE.bench-loader.yaml with each stage's fastest loader"
     )
     add_set(bench)
+    ev = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and a confusion matrix of a checkpoint")
+    ev.add_argument("target", type=Path, metavar="RUN_DIR|CKPT", help="a run folder (its best.pt) or a checkpoint")
+    ev.add_argument("--data", type=Path, default=None, help="an ImageFolder (default: the run's data.val)")
+    ev.add_argument("--img-size", type=int, default=None, help="input size (default: the last stage's)")
+    ev.add_argument(
+        "--tta", choices=["none", "flip", "flip+crops"], default="none", help="test-time augmentation (default none)"
+    )
+    ev.add_argument(
+        "--ensemble",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="CKPT",
+        help="checkpoints or run folders to average with it",
+    )
+    ev.add_argument("--ema", action="store_true", help="use the EMA weights (runs trained with train.ema)")
+    ev.add_argument("--batch-size", type=int, default=None, help="default: the last stage's batch size")
+    ev.add_argument("--workers", type=int, default=None, help="loader workers (default: the run's data.workers)")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ev.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/eval)")
     return parser
 
 
@@ -189,6 +209,32 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import format_report, run_eval
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: need at least 1")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers {args.workers}: need 0 or more")
+    result, out_dir = run_eval(
+        args.target,
+        data=args.data,
+        img_size=args.img_size,
+        tta=args.tta,
+        ensemble=args.ensemble,
+        out=args.out,
+        use_ema=args.ema,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device_name=args.device,
+    )
+    print(format_report(result))
+    members = len(result["checkpoints"])
+    print(f"{members} checkpoint(s), {result['weights']} weights, {result['img_size']}px, TTA {result['tta']}")
+    print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'confusion_matrix.png'}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.train.runner import run_training
@@ -209,7 +255,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "lr-find": cmd_lr_find, "bench-loader": cmd_bench_loader}[args.command](args)
+        commands = {"run": cmd_run, "lr-find": cmd_lr_find, "bench-loader": cmd_bench_loader, "eval": cmd_eval}
+        return commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
