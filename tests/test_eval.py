@@ -1,0 +1,132 @@
+"""`python -m pipeline eval`: metrics, TTA views, ensembles, outputs and errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+from pipeline.cli import main
+from pipeline.config import parse_config
+from pipeline.evaluate import metrics, predict, tta_views
+from pipeline.train.runner import run_training
+from pipeline.train.step import Precision
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_data):
+    import copy
+
+    from conftest import TINY_CONFIG
+
+    cfg = copy.deepcopy(TINY_CONFIG)
+    cfg["data"].update(train=str(tiny_data / "train"), val=str(tiny_data / "val"))
+    cfg["train"]["ema"] = {"decay": 0.9}
+    return run_training(parse_config(cfg), out_dir=tmp_path_factory.mktemp("eval") / "runs")
+
+
+def symmetric_batches(n=2):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        x = torch.randn(4, 3, 16, 16, generator=g)
+        out.append(((x + x.flip(-1)) / 2, torch.randint(0, 5, (4,), generator=g)))
+    return out
+
+
+def test_flip_tta_leaves_mirror_symmetric_images_unchanged():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=5).eval()
+    data = symmetric_batches()
+    plain, labels = predict([model], data, "none", 16, Precision(None), CPU)
+    flipped, _ = predict([model], data, "flip", 16, Precision(None), CPU)
+    assert torch.allclose(plain, flipped, atol=1e-6)
+    assert torch.equal(labels, torch.cat([y for _, y in data]))
+    assert torch.allclose(plain.sum(1), torch.ones(len(labels)))
+
+
+def test_an_ensemble_of_one_checkpoint_twice_is_that_checkpoint():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=5).eval()
+    other = timm.create_model("test_resnet", num_classes=5).eval()
+    data = symmetric_batches()
+    one, _ = predict([model], data, "none", 16, Precision(None), CPU)
+    two, _ = predict([model, model], data, "none", 16, Precision(None), CPU)
+    mixed, _ = predict([model, other], data, "none", 16, Precision(None), CPU)
+    single_other, _ = predict([other], data, "none", 16, Precision(None), CPU)
+    assert torch.allclose(one, two, atol=1e-6)
+    assert torch.allclose(mixed, (one + single_other) / 2, atol=1e-6)  # the average of the softmaxes
+
+
+def test_tta_views():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    assert len(tta_views(x, "none", 6)) == 1
+    views = tta_views(x, "flip+crops", 4)
+    assert len(views) == 10 and all(v.shape == (2, 3, 4, 4) for v in views)
+    assert torch.equal(views[0], x[..., 1:5, 1:5]) and torch.equal(views[1], x[..., 1:5, 1:5].flip(-1))
+    assert torch.equal(views[8], x[..., 2:, 2:])  # bottom-right corner
+
+
+def test_metrics_per_class_and_confusion():
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    labels = torch.tensor([0, 1, 1, 2])
+    m = metrics(probs, labels, ["a", "b", "c"])
+    assert m["top1"] == 75.0 and m["top5"] == 100.0 and m["samples"] == 4
+    assert m["confusion"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    assert m["per_class"]["b"] == {"samples": 2, "top1": 50.0}
+
+
+def test_eval_cli_reproduces_the_runs_validation(tiny_run, capsys):
+    assert main(["eval", str(tiny_run)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tiny_run / "eval" / "eval.json").read_text())
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert result["top1"] == pytest.approx(summary["best_val_top1"])  # best.pt, as the run measured it
+    assert result["checkpoints"] == [str(tiny_run / "checkpoints" / "best.pt")]
+    assert len(result["per_class"]) == 10 and sum(r["samples"] for r in result["per_class"].values()) == 20
+    assert sum(map(sum, result["confusion"])) == 20
+    assert (tiny_run / "eval" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "circle_hstripes" in out and "all" in out
+
+
+def test_eval_cli_tta_ensemble_and_ema(tiny_run, tmp_path):
+    last = tiny_run / "checkpoints" / "last.pt"
+    args = ["eval", str(last), "--tta", "flip+crops", "--ensemble", str(last), "--ema", "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["tta"] == "flip+crops" and result["weights"] == "ema" and len(result["checkpoints"]) == 2
+    assert result["samples"] == 20 and result["img_size"] == 24
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--img-size", "4"], "--img-size 4: need at least 8"),
+        (["--ensemble", "nowhere.pt"], "nowhere.pt: no such run folder or checkpoint"),
+    ],
+)
+def test_eval_errors_are_one_line(tiny_run, capsys, extra, message):
+    assert main(["eval", str(tiny_run), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message}"
+
+
+def test_eval_refuses_other_classes_and_missing_ema(tiny_run, tiny_data, tmp_path, capsys):
+    import shutil
+
+    for name in ("one", "two"):
+        (tmp_path / "other" / name).mkdir(parents=True)
+        shutil.copy(next((tiny_data / "val").rglob("*.jpg")), tmp_path / "other" / name / "a.jpg")
+    assert main(["eval", str(tiny_run), "--data", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --data: the class folders of") and "not the 10 classes" in err
+    no_ema = tmp_path / "no_ema.pt"
+    state = torch.load(tiny_run / "checkpoints" / "last.pt", weights_only=True)
+    state["state_dict_ema"] = None
+    torch.save(state, no_ema)
+    assert main(["eval", str(no_ema), "--ema"]) == 2
+    assert "this run kept no EMA weights" in capsys.readouterr().err
