@@ -71,11 +71,17 @@ def betas_check(v: Any) -> str | None:
 
 
 def freeze_check(v: Any) -> str | None:
+    # a single group name is allowed too; names are checked against the model before training
     if isinstance(v, list):
-        return None if all(isinstance(g, str) and g for g in v) else f"must be a list of group names, got {v!r}"
-    if v in ("none", "all_but_head") or re.fullmatch(r"all_but_last_[1-9]\d*", v):
         return None
-    return f"must be none, all_but_head, all_but_last_N (e.g. all_but_last_2) or a list of groups, got {v!r}"
+    if v.startswith("all_but_") and v != "all_but_head" and not re.fullmatch(r"all_but_last_[1-9]\d*", v):
+        return f"must be none, all_but_head, all_but_last_N (e.g. all_but_last_2) or groups, got {v!r}"
+    return None
+
+
+def lr_mult_check(v: Any) -> str | None:
+    bad = [f"{k}: must be > 0, got {m!r}" for k, m in v.items() if m <= 0]
+    return f"multipliers per group, e.g. {{head: 10}}; {bad[0]}" if bad else None
 
 
 def checked(default: Any, check: Check) -> Any:
@@ -178,11 +184,11 @@ class TrainConfig:
     label_smoothing: float = checked(0.1, lambda v: None if 0 <= v < 1 else f"must be in [0, 1), got {v!r}")
     mixup: MixupConfig | None = field(default_factory=MixupConfig)  # None: off
     # Fine-tuning. Groups are the model's stem, block1..blockN and head (printed at the start of a run).
-    freeze: str | list[str] = checked("none", freeze_check)  # none | all_but_head | all_but_last_N | [groups]
+    freeze: str | list[str] = checked("none", freeze_check)  # none | all_but_head | all_but_last_N | groups
     freeze_bn: bool = False  # BatchNorm running statistics stay fixed in training (frozen groups: always)
     freeze_bn_affine: bool = False  # and BatchNorm's weight and bias are not trained either
     layer_decay: float | None = checked(None, lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v!r}")
-    lr_mult: dict[str, float] = field(default_factory=dict)  # per-group LR multipliers, e.g. {head: 10}
+    lr_mult: dict[str, float] = field(default_factory=dict, metadata={"check": lr_mult_check})  # e.g. {head: 10}
     accum_steps: int = checked(1, at_least_one)  # micro-batches per optimizer step
     clip_grad: float | None = checked(None, positive)
     clip_mode: Literal["norm", "value", "agc"] = "norm"
@@ -375,7 +381,10 @@ def _parse_stage(stage: Any, train_raw: dict, path: str) -> StageSpec:
             merged[section][sub] = value
         elif key in train_keys:
             old = merged.get(key)
-            merged[key] = _deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+            if isinstance(old, dict) and (isinstance(value, dict) or value is True):  # `ema: true` keeps the settings
+                merged[key] = _deep_merge(old, value if isinstance(value, dict) else {})
+            else:
+                merged[key] = value
         else:
             allowed = list(STAGE_SIZE_KEYS) + train_keys + list(STAGE_SHORTCUTS) + ["data"]
             raise ConfigError(f"{path}.{key}: unknown stage key{_suggest(str(key), allowed)}")

@@ -6,6 +6,7 @@ over flipped (and corner-cropped) views, an ensemble averages it over checkpoint
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,13 +36,14 @@ class Member:
     config: dict[str, Any]
 
 
-def resolve_checkpoint(target: Path) -> Path:
-    """A run folder means its best checkpoint (else its last); a file is taken as it is."""
+def resolve_checkpoint(target: Path, use_ema: bool = False) -> Path:
+    """A run folder means its best checkpoint (else its last; with the EMA weights, its last: best.pt
+    is chosen by the raw weights' accuracy); a file is taken as it is."""
     if target.is_dir():
-        for name in ("best.pt", "last.pt"):
+        for name in ("last.pt",) if use_ema else ("best.pt", "last.pt"):
             if (target / "checkpoints" / name).is_file():
                 return target / "checkpoints" / name
-        raise UserError(f"{target}: no checkpoints/best.pt or checkpoints/last.pt in this folder")
+        raise UserError(f"{target}: no checkpoint in {target / 'checkpoints'} (not a run folder?)")
     if not target.is_file():
         raise UserError(f"{target}: no such run folder or checkpoint")
     return target
@@ -72,7 +74,7 @@ def tta_views(images: torch.Tensor, mode: str, size: int) -> list[torch.Tensor]:
     if mode == "flip":
         return [images, images.flip(-1)]
     h, w = images.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
+    top, left = int(round((h - size) / 2)), int(round((w - size) / 2))  # as torchvision's center_crop
     corners = [(top, left), (0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
     crops = [images[..., y : y + size, x : x + size] for y, x in corners]
     return [v for c in crops for v in (c, c.flip(-1))]
@@ -176,18 +178,23 @@ def run_eval(
     if img_size is not None and img_size < 8:
         raise UserError(f"--img-size {img_size}: need at least 8")
     device = resolve_device(device_name)
-    paths = [resolve_checkpoint(target)] + [resolve_checkpoint(p) for p in ensemble]
+    paths = [resolve_checkpoint(target, use_ema)] + [resolve_checkpoint(p, use_ema) for p in ensemble]
     members = [load_member(p, device, use_ema) for p in paths]
     first = members[0]
     for m in members[1:]:
         if m.classes != first.classes:
             raise UserError(f"--ensemble {m.path}: its classes differ from {first.path}'s; members must share classes")
-    cfg = parse_config(first.config)
+    raw = copy.deepcopy(first.config)
+    val = raw["data"]["val"]
+    # the training data and the weights it started from may have moved since: not needed here
+    raw["data"].update(train="demo", val="demo")
+    raw["model"]["pretrained"] = None
+    cfg = parse_config(raw)
     last = cfg.stages[-1]
     size = img_size or last.img_size
     field = "--data" if data is not None else f"data.val (from {first.path})"
     if data is None:
-        data = demo_root() / "val" if cfg.data.val == "demo" else Path(cfg.data.val)
+        data = demo_root() / "val" if val == "demo" else Path(val)
     index = scan_image_folder(data, field)
     if index.classes != first.classes:
         raise UserError(
@@ -208,7 +215,7 @@ def run_eval(
         seed=0,
     )
     try:
-        precision = resolve_precision("auto", device)
+        precision = resolve_precision(last.train.amp, device)  # as the run validated
         probs, labels = predict([m.model for m in members], loader, tta, size, precision, device)
     finally:
         loader.close()

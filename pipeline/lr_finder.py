@@ -71,10 +71,12 @@ def range_test(
     """Train `steps` steps with a rising LR; stop once the smoothed loss passes `diverge` x its best.
 
     `step(x, y)` trains one batch and returns its loss; `batches()` starts a new pass over the
-    data (called again when a pass is shorter than `steps`). Each group's LR keeps its ratio to
+    data (called again when a pass is shorter than `steps`). The LR swept is the base LR: each group
+    runs at it times its `lr_scale` (layer decay, `lr_mult`), or keeps its ratio to
     the first group's (layer-wise LRs stay layer-wise).
     """
-    ratios = [g["lr"] / optimizer.param_groups[0]["lr"] for g in optimizer.param_groups]
+    first = optimizer.param_groups[0]["lr"]
+    ratios = [g.get("lr_scale", g["lr"] / first) for g in optimizer.param_groups]
     result = RangeTest()
     average, best = 0.0, math.inf
     data = _cycle(batches)

@@ -45,6 +45,7 @@ def load_pretrained(model: torch.nn.Module, path: str) -> None:
     for k in mismatched:
         del state[k]
     result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in mismatched]
     loaded = len(own) - len(result.missing_keys)
     if loaded == 0:
         arch = model.default_cfg.get("architecture")
@@ -52,8 +53,9 @@ def load_pretrained(model: torch.nn.Module, path: str) -> None:
     print(
         f"pretrained: loaded {loaded}/{len(own)} tensors from {path}"
         + (f"; new (shape differs): {', '.join(mismatched)}" if mismatched else "")
-        + (f"; missing: {', '.join(result.missing_keys[:8])}" if result.missing_keys else "")
+        + (f"; missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}" if missing else "")
         + (f"; unexpected: {', '.join(result.unexpected_keys[:8])}" if result.unexpected_keys else "")
+        + ("" if len(result.unexpected_keys) <= 8 else " ...")
     )
 
 
@@ -113,7 +115,9 @@ NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
 
 
 def frozen_groups(spec: str | list[str], groups: ParamGroups, field: str) -> list[str]:
-    """The groups a stage's `freeze` names: none, all_but_head, all_but_last_N or a list."""
+    """The groups a stage's `freeze` names: none, all_but_head, all_but_last_N, a group or a list."""
+    if isinstance(spec, str) and spec not in ("none", "all_but_head") and not spec.startswith("all_but_last_"):
+        spec = [spec]
     if isinstance(spec, list):
         unknown = [g for g in spec if g not in groups.names]
         if unknown:
@@ -159,6 +163,8 @@ def apply_freeze(model: torch.nn.Module, tc: TrainConfig, groups: ParamGroups, f
     trainable = 0
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen_params)
+        if not p.requires_grad:
+            p.grad = None  # a gradient left from an earlier stage would only hold memory
         trainable += p.numel() if p.requires_grad else 0
     if trainable == 0:
         raise ConfigError(f"{field}.freeze: freezes every parameter; leave at least the head trainable")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import timm
@@ -69,6 +70,22 @@ def test_tta_views():
     assert len(views) == 10 and all(v.shape == (2, 3, 4, 4) for v in views)
     assert torch.equal(views[0], x[..., 1:5, 1:5]) and torch.equal(views[1], x[..., 1:5, 1:5].flip(-1))
     assert torch.equal(views[8], x[..., 2:, 2:])  # bottom-right corner
+
+
+def test_the_centre_view_of_flip_and_crops_is_the_validation_crop(tiny_data):
+    from pipeline.data.folder import scan_image_folder
+
+    from conftest import make_loader
+
+    index = scan_image_folder(tiny_data / "val", "data.val")
+    size = 24
+    plain = make_loader(index, train=False, size=size, batch=20)
+    wide = make_loader(index, train=False, size=math.floor(size / 0.875), batch=20, crop_pct=1.0)
+    (x, _), (big, _) = next(iter(plain)), next(iter(wide))
+    views = tta_views(big, "flip+crops", size)
+    assert big.shape[-1] == 27 and views[0].shape == x.shape
+    assert (views[0] - x).abs().max() < 0.05  # the same pixels, up to resampling rounding
+    assert (views[2] - x).abs().max() > 0.1  # a corner is another view
 
 
 def test_metrics_per_class_and_confusion():

@@ -254,7 +254,9 @@ def test_pretrained_from_a_torchvision_state_dict(tmp_path, capsys):
 
     model = build_model(ModelConfig(arch="resnet18", pretrained=str(path)), num_classes=4)
     assert torch.equal(model.layer4[1].conv2.weight, tv.layer4[1].conv2.weight)
-    assert "missing" not in capsys.readouterr().out.split("new (shape differs)")[0]
+    out = capsys.readouterr().out
+    assert "loaded 120/122 tensors" in out and "new (shape differs): fc.weight, fc.bias" in out
+    assert "missing" not in out and "unexpected" not in out
 
 
 def finetune_config(tiny_config: dict) -> dict:
@@ -325,6 +327,63 @@ def test_resume_restores_the_ema(tiny_config, tmp_path, monkeypatch):
         assert torch.equal(a["state_dict_ema"][k], b["state_dict_ema"][k]), k
 
 
+def test_resume_mid_stage_with_cosine_accumulation_and_ema(tiny_config, tmp_path, monkeypatch):
+    """Killed after the first epoch of a two-epoch stage (LambdaLR, accumulation, EMA, layer decay),
+    resumed: the same weights, EMA and scheduler state as a run never stopped."""
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"].update(ema={"decay": 0.9}, layer_decay=0.7, clip_grad=1.0)
+    cfg["stages"] = [
+        {"img_size": 16, "batch_size": 8, "epochs": 1, "freeze": "all_but_head"},
+        {"img_size": 16, "batch_size": 8, "epochs": 2, "accum_steps": 2, "schedule": {"name": "cosine"}},
+    ]
+    reference = run_training(parse_config(cfg), out_dir=tmp_path / "a")
+    real_save = runner_mod.save_checkpoint
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def save_then_die(paths, state):
+        real_save(paths, state)
+        calls.append(1)
+        if len(calls) == 2:  # stage 0 done, stage 1 one epoch in
+            raise Stop
+
+    monkeypatch.setattr(runner_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(Stop):
+        run_training(parse_config(cfg), out_dir=tmp_path / "b")
+    monkeypatch.setattr(runner_mod, "save_checkpoint", real_save)
+    (run_dir,) = (tmp_path / "b").iterdir()
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["epoch"] == 1
+    run_training(parse_config(cfg), resume=run_dir)
+    a = load_checkpoint(reference / "checkpoints" / "last.pt")
+    b = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert a["ema_updates"] == b["ema_updates"] == 5 + 2 * 3
+    for key in ("state_dict", "state_dict_ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+
+
+def test_lr_range_test_sweeps_the_base_lr_of_scaled_groups():
+    from pipeline.lr_finder import range_test
+
+    model = timm.create_model("test_resnet", num_classes=5)
+    groups = param_groups(model)
+    tc = TrainConfig(layer_decay=0.5, lr_mult={"head": 2.0}, optimizer=OptimizerConfig(lr=1.0))
+    opt = build_optimizer(optimizer_param_groups(model, tc, groups, "train"), tc.optimizer)
+    seen = []
+
+    def step(x, y):
+        seen.append([(g["lr"], g["lr_scale"]) for g in opt.param_groups])
+        return torch.tensor(1.0)
+
+    result = range_test(step, opt, lambda: batches(3), start=1e-4, end=1.0, steps=6)
+    for lr, groups_now in zip(result.lrs, seen):
+        for group_lr, scale in groups_now:
+            assert group_lr == pytest.approx(lr * scale)
+
+
 @pytest.mark.parametrize(
     "stage_keys,message",
     [
@@ -333,6 +392,8 @@ def test_resume_restores_the_ema(tiny_config, tmp_path, monkeypatch):
             "stages.0.freeze: no group 'layer1' in this model; its groups are stem, block1..block4, head",
         ),
         ({"freeze": "all_but_tail"}, "stages.0.freeze: must be none, all_but_head, all_but_last_N"),
+        ({"freeze": "layer4"}, "stages.0.freeze: no group 'layer4' in this model"),
+        ({"lr_mult": {"head": 0}}, "stages.0.lr_mult: multipliers per group, e.g. {head: 10}; head: must be > 0"),
         ({"lr_mult": {"backbone": 0.1}}, "stages.0.lr_mult: no group 'backbone'"),
         ({"layer_decay": 1.5}, "stages.0.layer_decay: must be in (0, 1]"),
         ({"accum_steps": 0}, "stages.0.accum_steps: must be >= 1"),
@@ -351,3 +412,37 @@ def test_bad_finetuning_keys_are_one_line(tiny_config, write_yaml, capsys, stage
 
 def test_steps_per_epoch_rounds_up():
     assert [TrainStep.steps_per_epoch(n, 4) for n in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+
+
+def test_finetuning_from_pretrained_weights_beats_training_from_scratch(tmp_path, capsys):
+    """The "pretrained" file is made here: a tiny model trained on the 10-class demo task, then
+    fine-tuned (head only, then everything) on a different task (5 shapes, 50 images) against the
+    same model from scratch with the same budget."""
+    from pipeline.data.demo import make_demo_dataset
+
+    pre_data = make_demo_dataset(tmp_path / "pre", n_train=400, n_val=20, size=32)
+    ft_data = make_demo_dataset(tmp_path / "ft", n_train=50, n_val=100, size=32, seed=1, task="shapes")
+    cfg = {
+        "run": {"name": "pre", "seed": 0, "device": "cpu", "log_every": 50},
+        "data": {"workers": 0, "train": str(pre_data / "train"), "val": str(pre_data / "val")},
+        "model": {"arch": "test_resnet"},
+        "train": {"optimizer": {"name": "sgd", "lr": 0.1}, "amp": "off", "compile": "off", "mixup": "off"},
+        "stages": [{"img_size": 24, "batch_size": 32, "epochs": 6}],
+    }
+    pretrained = run_training(parse_config(cfg), out_dir=tmp_path / "runs") / "checkpoints" / "last.pt"
+    cfg["data"].update(train=str(ft_data / "train"), val=str(ft_data / "val"))
+    scratch = copy.deepcopy(cfg)
+    scratch["stages"] = [{"img_size": 24, "batch_size": 16, "epochs": 3}]
+    finetune = copy.deepcopy(cfg)
+    finetune["model"]["pretrained"] = str(pretrained)
+    finetune["stages"] = [
+        {"img_size": 24, "batch_size": 16, "epochs": 1, "freeze": "all_but_head"},
+        {"img_size": 24, "batch_size": 16, "epochs": 2, "lr": 0.02},
+    ]
+    capsys.readouterr()
+    top1 = {}
+    for name, c in (("scratch", scratch), ("finetune", finetune)):
+        run_dir = run_training(parse_config(c), out_dir=tmp_path / "runs")
+        top1[name] = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["stages"][-1]["val_top1"]
+    assert "new (shape differs): fc.weight, fc.bias" in capsys.readouterr().out
+    assert top1["finetune"] >= top1["scratch"] + 10, top1  # 5 classes: chance is 20%

@@ -1,7 +1,8 @@
 """The built-in `demo` dataset: a generated JPEG ImageFolder, cached on first use.
 
 A class is a coarse shape (5 kinds) times the orientation of a fine stripe texture (2 kinds), so a
-low-resolution model sees the shape but only a higher resolution resolves the texture.
+low-resolution model sees the shape but only a higher resolution resolves the texture. The `shapes`
+task labels the same kind of images by shape alone: a second dataset to fine-tune on.
 """
 
 from __future__ import annotations
@@ -34,20 +35,27 @@ def demo_root(n_train: int = 5000, n_val: int = 1000, size: int = 96) -> Path:
     return root
 
 
-def make_demo_dataset(root: Path, n_train: int, n_val: int, size: int = 96, seed: int = 0) -> Path:
-    """Write `root/train` and `root/val` as JPEG ImageFolders; atomic (built aside, then renamed)."""
+def make_demo_dataset(
+    root: Path, n_train: int, n_val: int, size: int = 96, seed: int = 0, task: str = "shape_texture"
+) -> Path:
+    """Write `root/train` and `root/val` as JPEG ImageFolders; atomic (built aside, then renamed).
+    `task`: shape_texture (10 classes) or shapes (5 classes, the texture left to chance)."""
+    if task not in ("shape_texture", "shapes"):
+        raise ValueError(task)
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
     try:
         rng = np.random.default_rng(seed)
+        classes = CLASSES if task == "shape_texture" else list(SHAPES)
         for split, n in (("train", n_train), ("val", n_val)):
-            for c in CLASSES:
+            for c in classes:
                 (tmp / split / c).mkdir(parents=True)
             for i in range(n):
-                label = i % len(CLASSES)
+                label = i % len(CLASSES) if task == "shape_texture" else (i % len(SHAPES)) * 2 + int(rng.integers(2))
                 img = draw_sample(label, size, rng)
-                Image.fromarray(img).save(tmp / split / CLASSES[label] / f"{i:05d}.jpg", quality=92)
+                folder = classes[label] if task == "shape_texture" else SHAPES[label // 2]
+                Image.fromarray(img).save(tmp / split / folder / f"{i:05d}.jpg", quality=92)
         if root.exists():  # another process finished first
             shutil.rmtree(tmp)
         else:

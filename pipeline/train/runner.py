@@ -21,7 +21,7 @@ from pipeline.data import Datasets, Loader, build_loader, require_backend, resol
 from pipeline.errors import ConfigError, DataError, UserError
 from pipeline.files import write_json, write_text
 from pipeline.lr_finder import RangeTest, find_lr, plot, write_csv
-from pipeline.model import ParamGroups, apply_freeze, build_model, optimizer_param_groups, param_groups
+from pipeline.model import FreezePlan, ParamGroups, apply_freeze, build_model, optimizer_param_groups, param_groups
 from pipeline.report import MetricsLog, epoch_bar, format_summary
 from pipeline.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything
 from pipeline.train.schedule import build_optimizer, build_scheduler, current_lr_momentum
@@ -260,13 +260,21 @@ class StageRunner:
         self.ema: WeightEma | None = None  # created by the first stage with `ema`; lives through the run
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self._compiled: torch.nn.Module | None = None
+        self._trainable: tuple | None = None  # what the compiled graphs were traced with
         # Each stage compiles one training and one evaluation graph; keep them all cached.
         torch._dynamo.config.recompile_limit = max(8, 2 * len(cfg.stages) + 2)
 
-    def network(self, stage: StageSpec) -> torch.nn.Module:
-        """The module to call: compiled (one object for the whole run) or the plain model."""
+    def network(self, stage: StageSpec, plan: FreezePlan) -> torch.nn.Module:
+        """The module to call: compiled (one object for the whole run) or the plain model. A stage
+        that trains other parameters (or other BatchNorm modes) starts from fresh graphs, rather
+        than trusting every torch version's guards on requires_grad."""
         if not use_compile(stage, self.device):
             return self.model
+        trainable = (tuple(plan.frozen), len(plan.fixed_norms), plan.trainable)
+        if self._compiled is not None and trainable != self._trainable:
+            torch._dynamo.reset()
+            self._compiled = None
+        self._trainable = trainable
         if self._compiled is None:
             self._compiled = compile_model(self.model)
         return self._compiled
@@ -318,7 +326,7 @@ class StageRunner:
             optimizer_param_groups(self.model, tc, self.groups, f"stages.{k}"),
             replace(tc.optimizer, lr=1.0) if find else tc.optimizer,
         )
-        net = self.network(stage)
+        net = self.network(stage, plan)
         if find and resume_state is None:  # a resumed stage gets its LRs back from the optimizer state
             result = stage_range_test(
                 self.model, net, optimizer, stage, train_loader, device, self.num_classes, stage_seed

@@ -25,8 +25,8 @@ def build_optimizer(model_or_groups: torch.nn.Module | list[dict], cfg: Optimize
         model_or_groups, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, **extra
     )
     for group in optimizer.param_groups:
-        group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
-        group.setdefault("initial_lr", group["lr"])
+        group["lr_scale"] = group.get("lr_scale", 1.0)
+        group["lr"] = cfg.lr * group["lr_scale"]
     return optimizer
 
 
