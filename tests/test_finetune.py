@@ -446,3 +446,41 @@ def test_finetuning_from_pretrained_weights_beats_training_from_scratch(tmp_path
         top1[name] = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["stages"][-1]["val_top1"]
     assert "new (shape differs): fc.weight, fc.bias" in capsys.readouterr().out
     assert top1["finetune"] >= top1["scratch"] + 10, top1  # 5 classes: chance is 20%
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop", "lamb", "lion"])
+def test_optimizers_take_scaled_groups(name):
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=5)
+    groups = param_groups(model)
+    tc = TrainConfig(layer_decay=0.5, optimizer=OptimizerConfig(name=name, lr=0.01))
+    opt = build_optimizer(optimizer_param_groups(model, tc, groups, "train"), tc.optimizer)
+    assert sorted({round(g["lr"] / g["lr_scale"], 12) for g in opt.param_groups}) == [0.01]
+    before = model.fc.weight.detach().clone()
+    step = TrainStep(model, opt, None, Precision(None), CPU, None, 0.0)
+    x, y = batches(1)[0]
+    assert torch.isfinite(step(x, y))
+    assert not torch.equal(before, model.fc.weight)
+
+
+@pytest.mark.parametrize("mode,limit", [("norm", 0.01), ("value", 0.001)])
+def test_gradient_clipping_bounds_the_step_gradients(mode, limit):
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=5)
+    tc = TrainConfig(optimizer=OptimizerConfig(lr=0.1))
+    groups = param_groups(model)
+    opt = build_optimizer(optimizer_param_groups(model, tc, groups, "train"), tc.optimizer)
+    seen = []
+
+    def record(optimizer, *_):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if mode == "norm":
+            seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        else:
+            seen.append(max(g.abs().max().item() for g in grads))
+
+    opt.register_step_pre_hook(record)
+    step = TrainStep(model, opt, None, Precision(None), CPU, None, 0.0, clip_grad=limit, clip_mode=mode)
+    for x, y in batches(2):
+        step(x, y)
+    assert len(seen) == 2 and max(seen) <= limit * 1.001
