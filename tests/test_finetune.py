@@ -299,8 +299,26 @@ def test_progressive_unfreezing_through_the_stages(tiny_config, tmp_path, monkey
     assert all('"val_ema_top1"' in line for line in epochs)
 
 
-def test_resume_restores_the_ema(tiny_config, tmp_path, monkeypatch):
-    cfg = finetune_config(tiny_config)
+def mid_stage_config(tiny_config: dict) -> dict:
+    """A two-epoch second stage with LambdaLR, accumulation, clipping, EMA and layer decay."""
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"].update(ema={"decay": 0.9}, layer_decay=0.7, clip_grad=1.0)
+    cfg["stages"] = [
+        {"img_size": 16, "batch_size": 8, "epochs": 1, "freeze": "all_but_head"},
+        {"img_size": 16, "batch_size": 8, "epochs": 2, "accum_steps": 2, "schedule": {"name": "cosine"}},
+    ]
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "make_config,epoch_at_kill,ema_updates",
+    [(finetune_config, 1, 5 + 3 + 5), (mid_stage_config, 1, 5 + 2 * 3)],  # at a stage end; mid-stage
+)
+def test_killed_and_resumed_matches_a_run_never_stopped(
+    tiny_config, tmp_path, monkeypatch, make_config, epoch_at_kill, ema_updates
+):
+    """Killed after its second checkpoint, resumed: the same weights, EMA and scheduler state."""
+    cfg = make_config(tiny_config)
     reference = run_training(parse_config(cfg), out_dir=tmp_path / "a")
     real_save = runner_mod.save_checkpoint
     calls = []
@@ -319,50 +337,15 @@ def test_resume_restores_the_ema(tiny_config, tmp_path, monkeypatch):
         run_training(parse_config(cfg), out_dir=tmp_path / "b")
     monkeypatch.setattr(runner_mod, "save_checkpoint", real_save)
     (run_dir,) = (tmp_path / "b").iterdir()
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["epoch"] == epoch_at_kill
     run_training(parse_config(cfg), resume=run_dir)
     a = load_checkpoint(reference / "checkpoints" / "last.pt")
     b = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert a["ema_updates"] == b["ema_updates"]
-    for k in a["state_dict_ema"]:
-        assert torch.equal(a["state_dict_ema"][k], b["state_dict_ema"][k]), k
-
-
-def test_resume_mid_stage_with_cosine_accumulation_and_ema(tiny_config, tmp_path, monkeypatch):
-    """Killed after the first epoch of a two-epoch stage (LambdaLR, accumulation, EMA, layer decay),
-    resumed: the same weights, EMA and scheduler state as a run never stopped."""
-    cfg = copy.deepcopy(tiny_config)
-    cfg["train"].update(ema={"decay": 0.9}, layer_decay=0.7, clip_grad=1.0)
-    cfg["stages"] = [
-        {"img_size": 16, "batch_size": 8, "epochs": 1, "freeze": "all_but_head"},
-        {"img_size": 16, "batch_size": 8, "epochs": 2, "accum_steps": 2, "schedule": {"name": "cosine"}},
-    ]
-    reference = run_training(parse_config(cfg), out_dir=tmp_path / "a")
-    real_save = runner_mod.save_checkpoint
-    calls = []
-
-    class Stop(Exception):
-        pass
-
-    def save_then_die(paths, state):
-        real_save(paths, state)
-        calls.append(1)
-        if len(calls) == 2:  # stage 0 done, stage 1 one epoch in
-            raise Stop
-
-    monkeypatch.setattr(runner_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(Stop):
-        run_training(parse_config(cfg), out_dir=tmp_path / "b")
-    monkeypatch.setattr(runner_mod, "save_checkpoint", real_save)
-    (run_dir,) = (tmp_path / "b").iterdir()
-    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["epoch"] == 1
-    run_training(parse_config(cfg), resume=run_dir)
-    a = load_checkpoint(reference / "checkpoints" / "last.pt")
-    b = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert a["ema_updates"] == b["ema_updates"] == 5 + 2 * 3
+    assert a["ema_updates"] == b["ema_updates"] == ema_updates
     for key in ("state_dict", "state_dict_ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
 
 
 def test_lr_range_test_sweeps_the_base_lr_of_scaled_groups():
