@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from checkpoints/last.pt (its config.yaml is used)",
+        help="continue the run in RUN_DIR from checkpoints/last.pt (its config.yaml is used); auto: the newest "
+        "run of FILE's run.name in its out_dir, or a new run if there is none",
     )
     find = sub.add_parser("lr-find", help="LR range test on one stage's exact training setup")
     find.add_argument("file", type=Path, help="the stages file")
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=None, help="loader workers (default: the run's data.workers)")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ev.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/eval)")
+    check = sub.add_parser("check-data", help="class counts, image modes, sizes, bad files, train/val duplicates")
+    check.add_argument("path", type=Path, help="an ImageFolder, or a folder with train/ and val/ ImageFolders")
+    check.add_argument("--json", type=Path, default=None, help="also write the report to this file")
+    check.add_argument("--workers", type=int, default=None, help="decoding processes (default: every core)")
     return parser
 
 
@@ -235,10 +240,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_data(args: argparse.Namespace) -> int:
+    """Exit status 0 when nothing would stop or spoil training, 1 when something would."""
+    from pipeline.check_data import check_dataset, format_report, problems
+    from pipeline.files import write_json
+
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: need at least 1")
+    report = check_dataset(args.path, args.workers)
+    print(format_report(report))
+    if args.json:
+        try:
+            write_json(args.json, report)
+        except OSError as e:
+            raise UserError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
+    return 1 if problems(report) else 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.train.runner import run_training
 
+    if args.resume == Path("auto"):
+        if args.file is None:
+            raise UserError("--resume auto: give the stages file too (its run.name and out_dir find the run)")
+        from pipeline.train.runner import newest_run
+
+        cfg = load_config(args.file, args.overrides)
+        args.resume = newest_run(Path(args.out or cfg.run.out_dir), cfg.run.name)
+        if args.resume is None:
+            print(f"--resume auto: no run named {cfg.run.name!r} with a checkpoint yet; starting a new one")
+            run_training(cfg, out_dir=args.out)
+            return 0
+        print(f"--resume auto: {args.resume}")
     if args.resume is not None:
         config_path = args.resume / "config.yaml"
         if not config_path.is_file():
@@ -255,11 +289,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "lr-find": cmd_lr_find, "bench-loader": cmd_bench_loader, "eval": cmd_eval}
+        commands = {
+            "run": cmd_run,
+            "lr-find": cmd_lr_find,
+            "bench-loader": cmd_bench_loader,
+            "eval": cmd_eval,
+            "check-data": cmd_check_data,
+        }
         return commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:  # a clean stop; the last checkpoint is whole (files are written atomically)
         print("interrupted", file=sys.stderr)
         return 130

@@ -96,6 +96,7 @@ class RunConfig:
     seed: int = checked(0, lambda v: None if 0 <= v < 2**63 else f"must be in [0, 2**63), got {v!r}")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = checked(20, at_least_one)  # steps between metric flushes (each one syncs the GPU)
+    checkpoint_every: float = checked(10.0, non_negative)  # minutes between mid-epoch checkpoints; 0: every step
 
 
 @dataclass
@@ -110,6 +111,7 @@ class DataConfig:
     hflip: float = checked(0.5, unit_closed)
     crop_pct: float = checked(0.875, lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v!r}")
     cache: Literal["decoded"] | None = None  # decoded: decode every image once into a memory-mapped array
+    on_error: Literal["fail", "skip"] = "fail"  # a bad image: stop naming it, or leave it out with a warning
     cache_size: int | Literal["auto"] = checked(
         "auto", lambda v: None if v == "auto" or v >= 8 else f"must be 'auto' or >= 8, got {v!r}"
     )

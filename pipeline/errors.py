@@ -14,3 +14,11 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset problem (missing folder, unreadable image); the message names the file."""
+
+
+class Stopped(UserError):
+    """A run stopped on request (SIGTERM, Ctrl-C) after saving a checkpoint; exits 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

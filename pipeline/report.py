@@ -32,20 +32,26 @@ class MetricsLog:
         self._file.close()
 
     @staticmethod
-    def keep_before(path: Path, stage: int, epoch: int) -> None:
-        """On resume: drop records of epochs at or after (stage, epoch), which will be run again."""
+    def keep_before(path: Path, stage: int, epoch: int, step: int = 0) -> None:
+        """On resume: drop the records of what will be trained again, from batch `step` of epoch
+        `epoch` of stage `stage` on (that epoch's own record included)."""
         if not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines() if _before(line, stage, epoch)]
+        kept = [line for line in path.read_text().splitlines() if _before(line, stage, epoch, step)]
         write_text(path, "".join(line + "\n" for line in kept))
 
 
-def _before(line: str, stage: int, epoch: int) -> bool:
+def _before(line: str, stage: int, epoch: int, step: int) -> bool:
     try:
         record = json.loads(line)
     except json.JSONDecodeError:  # a line torn by the crash being resumed from
         return False
-    return (record["stage"], record["epoch"]) < (stage, epoch)
+    where = (record["stage"], record["epoch"])
+    if record.get("kind") == "step" and where == (stage, epoch):
+        return record["step"] < step
+    if record.get("kind") == "lr_find":  # not run again on resume
+        return record["stage"] <= stage
+    return where < (stage, epoch)
 
 
 def epoch_bar(total: int, desc: str, enabled: bool = True) -> tqdm:

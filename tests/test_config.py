@@ -87,6 +87,13 @@ BAD = [
     ({"train": {"optimizer": {"momentum": 0}}}, "train.optimizer.nesterov: Nesterov needs momentum > 0"),
     ({"run": {"seed": 2**64}}, "run.seed: must be in [0, 2**63)"),
     ({1: "x"}, "1: unknown section"),
+    ({"run": {"checkpoint_every": -1}}, "run.checkpoint_every: must be >= 0"),
+    ({"data": {"on_error": "ignore"}}, "data.on_error: must be one of fail, skip"),
+    ({"data": {"cache": "ram"}}, "data.cache: must be one of decoded"),
+    ({"train": {"accum_steps": 0}}, "train.accum_steps: must be >= 1"),
+    ({"train": {"ema": {"decay": 2}}}, "train.ema.decay: must be between 0 and 1"),
+    ({"train": {"schedule": {"name": "cosine", "cycles": 0}}}, "train.schedule.cycles: must be >= 1"),
+    ({"train": {"optimizer": {"betas": [0.9, 1.5]}}}, "train.optimizer.betas: must be two numbers in [0, 1)"),
 ]
 
 

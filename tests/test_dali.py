@@ -209,7 +209,8 @@ def test_file_dali_cannot_decode_is_named_mid_epoch(tmp_path, tiny_data, seed):
     import shutil
 
     shutil.copytree(tiny_data / "train", tmp_path / "train")
-    (tmp_path / "train" / "circle_hstripes" / "notes.jpg").write_text("not an image at all")
+    # a JPEG header, then garbage: passes the scan, fails to decode
+    (tmp_path / "train" / "circle_hstripes" / "notes.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
     index = scan_image_folder(tmp_path / "train", "data.train")
     message = r"circle_hstripes/notes\.jpg: DALI cannot decode this image .*data.backend: tv2"
     with pytest.raises(DataError, match=message):

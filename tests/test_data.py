@@ -203,7 +203,7 @@ def test_scan_errors_name_the_problem(tmp_path, tiny_data):
     root = tmp_path / "copy"
     shutil.copytree(tiny_data / "val", root)
     (root / "circle_hstripes" / "zero.jpg").write_bytes(b"")
-    with pytest.raises(DataError, match=r"zero-byte image file\(s\): .*zero\.jpg"):
+    with pytest.raises(DataError, match=r"data.val: 1 bad file\(s\): .*zero\.jpg: zero bytes"):
         scan_image_folder(root, "data.val")
     (root / "circle_hstripes" / "zero.jpg").unlink()
     (root / "new_class").mkdir()

@@ -44,8 +44,8 @@ def scan_datasets(cfg: DataConfig) -> Datasets:
         return demo_root() / split if value == "demo" else Path(value)
 
     return Datasets(
-        scan_image_folder(folder(cfg.train, "train"), "data.train"),
-        scan_image_folder(folder(cfg.val, "val"), "data.val"),
+        scan_image_folder(folder(cfg.train, "train"), "data.train", cfg.on_error),
+        scan_image_folder(folder(cfg.val, "val"), "data.val", cfg.on_error),
     )
 
 
@@ -90,6 +90,7 @@ def build_loader(
         crop_pct=cfg.crop_pct,
         rank=rank,
         world_size=world_size,
+        on_error=cfg.on_error,
     )
     if cfg.backend == "dali":
         from pipeline.data.dali import DALILoader
@@ -100,7 +101,7 @@ def build_loader(
         field = "data.train" if train else "data.val"
         stage_side = cache_side(img_size, cfg)
         side = stage_side if cfg.cache_size == "auto" else int(cfg.cache_size)
-        cache = open_cache(index, side, spec.workers, field)  # decoded once, at the run's largest size
+        cache = open_cache(index, side, spec.workers, field, cfg.on_error)  # decoded once, at the run's largest size
         check_cache_side(cache, img_size, cfg.crop_pct)
         if train:  # crops from a square just large enough; validation resizes the full one, once
             cache = smaller_cache(cache, stage_side)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import math
 import os
 import re
@@ -25,8 +26,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.data.demo import demo_cache_dir
-from pipeline.data.folder import ImageFolderIndex, jpeg_region, read_image
+from pipeline.data.folder import ImageFolderIndex, jpeg_region, read_image, warn_skipped
 from pipeline.errors import DataError
+from pipeline.files import write_json
 
 CACHE_VERSION = 1
 
@@ -38,6 +40,7 @@ class DecodedCache:
     path: Path
     side: int
     size: int
+    bad: frozenset[int] = frozenset()  # samples that failed to decode (`on_error: skip`), stored as zeros
 
     def array(self) -> np.ndarray:
         arrays = _OPEN.setdefault(os.getpid(), {})
@@ -61,7 +64,7 @@ def cache_key(index: ImageFolderIndex, side: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def open_cache(index: ImageFolderIndex, side: int, workers: int, field: str) -> DecodedCache:
+def open_cache(index: ImageFolderIndex, side: int, workers: int, field: str, on_error: str = "fail") -> DecodedCache:
     """The cache for this split and side, built first if the dataset has none (or has changed).
 
     One process builds it at a time (a lock file beside it); the others then find it built.
@@ -75,14 +78,25 @@ def open_cache(index: ImageFolderIndex, side: int, workers: int, field: str) -> 
         with open(root / f"{stem}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.is_file():
-                build_cache(index, side, workers, path, field)
+                build_cache(index, side, workers, path, field, on_error)
                 for stale in root.glob(f"{stem}-*.npy"):  # this folder and side, for files since changed
                     if not stale.name.startswith(path.stem):
                         stale.unlink(missing_ok=True)
                 for tmp in root.glob("*.npy.tmp"):  # left by a build that was killed a day or more ago
                     if time.time() - tmp.stat().st_mtime > 86400:
                         tmp.unlink(missing_ok=True)
-    return DecodedCache(path=path, side=side, size=len(index))
+    sidecar = bad_list(path)
+    bad = frozenset(json.loads(sidecar.read_text())) if sidecar.is_file() else frozenset()
+    if bad and on_error == "fail":
+        first = index.samples[min(bad)][0]
+        read_image(first)  # raises the DataError naming the file
+        raise DataError(f"{first}: cannot decode image")
+    return DecodedCache(path=path, side=side, size=len(index), bad=bad)
+
+
+def bad_list(path: Path) -> Path:
+    """Beside a cache: the indices of the samples that could not be decoded into it."""
+    return path.with_name(path.stem + ".bad.json")
 
 
 def smaller_cache(cache: DecodedCache, side: int) -> DecodedCache:
@@ -101,11 +115,12 @@ def smaller_cache(cache: DecodedCache, side: int) -> DecodedCache:
                 out[first : first + len(block)] = small.permute(0, 2, 3, 1).numpy()
 
         write_array(path, (cache.size, side, side, 3), fill)
-    return DecodedCache(path=path, side=side, size=cache.size)
+    return DecodedCache(path=path, side=side, size=cache.size, bad=cache.bad)
 
 
-def write_array(path: Path, shape: tuple[int, ...], fill) -> None:
-    """A uint8 .npy file of `shape`, filled by `fill(array)` in a temp file beside it, then renamed."""
+def write_array(path: Path, shape: tuple[int, ...], fill, before_rename=None) -> None:
+    """A uint8 .npy file of `shape`, filled by `fill(array)` in a temp file beside it, then renamed
+    (after `before_rename()`, which writes what must exist whenever the file does)."""
     fd, tmp = tempfile.mkstemp(suffix=".npy.tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -113,14 +128,19 @@ def write_array(path: Path, shape: tuple[int, ...], fill) -> None:
         fill(out)
         out.flush()
         del out
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def build_cache(index: ImageFolderIndex, side: int, workers: int, path: Path, field: str) -> None:
-    """Decode every image once (in `workers` processes) into a .npy file, written aside and renamed."""
+def build_cache(
+    index: ImageFolderIndex, side: int, workers: int, path: Path, field: str, on_error: str = "fail"
+) -> None:
+    """Decode every image once (in `workers` processes) into a .npy file, written aside and renamed.
+    With `on_error: skip` an undecodable image is stored as zeros and listed beside the cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     print(f"{field}: decoding {len(index)} images once into {path} ({side}x{side})", file=sys.stderr)
@@ -131,13 +151,18 @@ def build_cache(index: ImageFolderIndex, side: int, workers: int, path: Path, fi
         num_workers=workers,
     )
 
+    bad: list[int] = []
+
     def fill(out: np.ndarray) -> None:
-        for first, block, error in loader:
-            if error:
-                raise DataError(error)
+        for first, block, errors in loader:
+            for i, error in errors:
+                if on_error == "fail":
+                    raise DataError(error)
+                warn_skipped(index.samples[i][0], error.split(": ", 1)[-1])
+                bad.append(i)
             out[first : first + len(block)] = block.numpy()
 
-    write_array(path, (len(index), side, side, 3), fill)
+    write_array(path, (len(index), side, side, 3), fill, before_rename=lambda: write_json(bad_list(path), bad))
     mb = path.stat().st_size / 2**20
     print(f"{field}: cache ready in {time.perf_counter() - start:.1f} s ({mb:.0f} MB)", file=sys.stderr)
 
@@ -151,14 +176,15 @@ class SquareDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, batch: list[int]) -> tuple[int, torch.Tensor, str]:
-        block = np.empty((len(batch), self.side, self.side, 3), dtype=np.uint8)
+    def __getitem__(self, batch: list[int]) -> tuple[int, torch.Tensor, list[tuple[int, str]]]:
+        block = np.zeros((len(batch), self.side, self.side, 3), dtype=np.uint8)
+        errors = []
         for k, i in enumerate(batch):
             try:
                 block[k] = central_square(self.samples[i][0], self.side)
             except DataError as e:  # handed over as text: a worker's exception would carry its traceback
-                return batch[0], torch.from_numpy(block), str(e)
-        return batch[0], torch.from_numpy(block), ""
+                errors.append((i, str(e)))
+        return batch[0], torch.from_numpy(block), errors
 
 
 def central_square(path: str, side: int) -> np.ndarray:

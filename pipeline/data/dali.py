@@ -20,7 +20,7 @@ from nvidia.dali import backend, fn, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipeline.data.folder import ImageFolderIndex
+from pipeline.data.folder import ImageFolderIndex, warn_skipped
 from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, sample_seeds, shard_bounds
 from pipeline.errors import DataError
 
@@ -52,6 +52,8 @@ class DALILoader:
         self._iterator: DALIGenericIterator | None = None
         self._epoch_token: object | None = None  # which generator owns the current pipeline
         self._closed = False
+        self._skip = 0  # batches of the next epoch to drop (resumed mid-epoch)
+        self._bad: set[str] = set()  # files found undecodable (`on_error: skip`)
 
     def __len__(self) -> int:
         size = self._shard[1] - self._shard[0]
@@ -62,21 +64,36 @@ class DALILoader:
         size = self._shard[1] - self._shard[0]
         return len(self) * self.batch_size if self.spec.train else size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch to iterate next; `start_batch` > 0 resumes it after that many batches: they are
+        run through the pipeline and dropped, so DALI's random crops continue exactly (decode cost,
+        once per resume)."""
+        self.epoch, self._skip = epoch, start_batch
 
     def epoch_files(self) -> tuple[list[str], list[int]]:
-        """The whole epoch's file order (all ranks): training shuffles by (seed, epoch), as tv2 does."""
+        """The whole epoch's file order (all ranks): training shuffles by (seed, epoch), as tv2 does.
+        A file found undecodable (`on_error: skip`) is replaced by the next good one in the order."""
         samples = self.index.samples
         if self.spec.train:
             order, _ = sample_seeds(self.spec.seed, self.epoch, len(samples))
             samples = [samples[i] for i in order[: self._n].tolist()]
+        if self._bad:
+            good = [k for k, (p, _) in enumerate(samples) if p not in self._bad]
+            if not good:
+                raise DataError(f"{self.index.root}: no image left that DALI can decode")
+            follow = {k: next((g for g in good if g > k), good[0]) for k in range(len(samples))}
+            samples = [samples[follow[k]] if p in self._bad else (p, y) for k, (p, y) in enumerate(samples)]
         return [p for p, _ in samples], [label for _, label in samples]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._closed:
             raise RuntimeError("loader used after close()")
         self._release()  # an epoch left unfinished (the LR range test stops early)
+        files = self._start_pipeline()
+        return self._batches(self._epoch_token, files)
+
+    def _start_pipeline(self) -> list[str]:
+        """Build the epoch's pipeline and iterator from the first batch; returns the epoch's files."""
         files, labels = self.epoch_files()
         pipe = self._build_pipeline(files, labels)
         iterator = DALIGenericIterator(
@@ -87,13 +104,14 @@ class DALILoader:
             prepare_first_batch=False,  # nothing runs before the first batch is asked for
         )
         self._pipe, self._iterator, self._epoch_token = pipe, iterator, object()
-        return self._batches(self._epoch_token, files)
+        return files
 
     def _batches(self, token: object, files: list[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # holds no reference to the pipeline, so close() frees it even while this generator is suspended
         device = self.spec.device
+        skip, i = self._skip, 0
         try:
-            for i in range(len(self)):
+            while i < len(self):
                 if self._epoch_token is not token:
                     raise RuntimeError("DALI loader closed or restarted while an epoch was being read")
                 try:
@@ -103,12 +121,24 @@ class DALILoader:
                     if bad is None:
                         raise  # not a file's fault: a bug or the environment, with DALI's own traceback
                     path, reason = bad
-                    raise DataError(
-                        f"{path}: DALI cannot decode this image ({reason}); "
-                        "fix or remove the file, or use data.backend: tv2"
-                    ) from None
+                    if self.spec.on_error == "fail":
+                        raise DataError(
+                            f"{path}: DALI cannot decode this image ({reason}); "
+                            "fix or remove the file, set data.on_error: skip, or use data.backend: tv2"
+                        ) from None
+                    # skip: the epoch starts again without the file, and the batches already given
+                    # are run through again and dropped (the same files, so the same crops)
+                    warn_skipped(path, reason)
+                    self._bad.add(path)
+                    self._release()
+                    files = self._start_pipeline()
+                    token, skip, i = self._epoch_token, max(skip, i), 0
+                    continue
                 if out is None:
                     raise RuntimeError(f"DALI ended the epoch after {i} of {len(self)} batches")
+                i += 1
+                if i <= skip:
+                    continue
                 images, labels = out[0]["images"], out[0]["labels"]
                 # DALI writes NHWC: viewed as NCHW it is channels_last with no copy
                 images = images.permute(0, 3, 1, 2) if self.spec.channels_last else images

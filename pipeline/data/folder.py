@@ -6,7 +6,9 @@ Both report problems as DataError naming the folder or file.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,31 +39,74 @@ class ImageFolderIndex:
         return len(self.samples)
 
 
-def scan_image_folder(root: str | Path, field: str) -> ImageFolderIndex:
-    """List the images of an ImageFolder; `field` (e.g. `data.train`) is named in errors."""
+def header_problem(path: str) -> str | None:
+    """Why a file cannot be an image, from its first bytes (one small read): unreadable, empty, or
+    a header no image format starts with. None when it looks like an image (decoding may still fail)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if not head:
+        return "zero bytes"
+    if not head.startswith(IMAGE_MAGIC) and not (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "not an image (no image format's header)"
+    return None
+
+
+# JPEG, PNG, GIF, BMP, TIFF (both byte orders); WebP is RIFF....WEBP
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def scan_image_folder(root: str | Path, field: str, on_error: str = "fail") -> ImageFolderIndex:
+    """List the images of an ImageFolder; `field` (e.g. `data.train`) is named in errors. Files that
+    cannot be images (unreadable, empty, not an image) fail the scan with their list, or with
+    `on_error: skip` are left out, each named in a warning."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{field}: folder {str(root)!r} does not exist")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{field}: {root} has no class sub-folders (expected {root}/<class>/<image>)")
-    samples: list[tuple[str, int]] = []
-    empty, zero_bytes = [], []
+    found: list[tuple[str, int]] = []
+    empty = []
     for label, name in enumerate(classes):
         files = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
         if not files:
             empty.append(name)
-        for f in files:
-            if os.path.getsize(f) == 0:
-                zero_bytes.append(f)
-            else:
-                samples.append((f, label))
+        found.extend((f, label) for f in files)
     if empty:
         raise DataError(f"{field}: class folder(s) with no images in {root}: {', '.join(empty)}")
-    if zero_bytes:
-        more = f" and {len(zero_bytes) - 3} more" if len(zero_bytes) > 3 else ""
-        raise DataError(f"{field}: zero-byte image file(s): {', '.join(zero_bytes[:3])}{more}")
+    with ThreadPoolExecutor(max_workers=16) as pool:  # one small read a file: I/O bound
+        problems = list(pool.map(header_problem, [f for f, _ in found], chunksize=256))
+    bad = [(f, why) for (f, _), why in zip(found, problems) if why]
+    if bad and on_error == "fail":
+        listed = "; ".join(f"{f}: {why}" for f, why in bad[:3])
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise DataError(
+            f"{field}: {len(bad)} bad file(s): {listed}{more}. Remove them, or set data.on_error: skip; "
+            f"python -m pipeline check-data {root} lists them all"
+        )
+    for f, why in bad:
+        warn_skipped(f, why)
+    samples = [s for s, why in zip(found, problems) if not why]
+    if not samples:
+        raise DataError(f"{field}: no readable images in {root}")
+    kept = {label for _, label in samples}
+    lost = [classes[i] for i in range(len(classes)) if i not in kept]
+    if lost:
+        raise DataError(f"{field}: class folder(s) left with no readable images in {root}: {', '.join(lost)}")
     return ImageFolderIndex(root=root, classes=classes, samples=samples)
+
+
+_SKIPPED: set[str] = set()
+
+
+def warn_skipped(path: str, why: str) -> None:
+    """`data.on_error: skip`: name each left-out file once per process."""
+    if path not in _SKIPPED:
+        _SKIPPED.add(path)
+        print(f"warning: skipping {path}: {why}", file=sys.stderr)
 
 
 def read_image(path: str) -> torch.Tensor:

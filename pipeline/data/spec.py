@@ -34,6 +34,7 @@ class LoaderSpec:
     crop_pct: float = 0.875
     rank: int = 0
     world_size: int = 1
+    on_error: str = "fail"  # a file that fails to decode: fail naming it, or skip (another sample of its batch)
 
 
 class Loader(Protocol):
@@ -48,7 +49,7 @@ class Loader(Protocol):
     @property
     def num_samples(self) -> int: ...  # samples one epoch yields on this rank
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...  # start_batch: resume mid-epoch
 
     def close(self) -> None: ...
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,7 +19,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.data.cache import DecodedCache
-from pipeline.data.folder import ImageFolderIndex, dct_scale, jpeg_region, read_image
+from pipeline.data.folder import ImageFolderIndex, dct_scale, jpeg_region, read_image, warn_skipped
 from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, sample_seeds, shard_bounds
 from pipeline.errors import DataError
 
@@ -32,9 +33,10 @@ class EpochSampler(Sampler):
 
     def __init__(self, n: int, spec: LoaderSpec):
         self.n, self.spec, self.epoch = n, spec, 0
+        self.skip = 0  # samples of the epoch already trained (a run resumed mid-epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def _positions(self) -> torch.Tensor:
         # Training: every rank takes an equal share (the remainder is dropped, as DistributedSampler
@@ -49,10 +51,13 @@ class EpochSampler(Sampler):
         order, seeds = sample_seeds(self.spec.seed, self.epoch, self.n)
         positions = self._positions()
         indices = order[positions] if self.spec.train else positions
-        return iter(zip(indices.tolist(), seeds[positions].tolist()))
+        return iter(zip(indices[self.skip :].tolist(), seeds[positions][self.skip :].tolist()))
+
+    def full_length(self) -> int:
+        return len(self._positions())
 
     def __len__(self) -> int:
-        return len(self._positions())
+        return max(0, self.full_length() - self.skip)
 
 
 ATTEMPTS = 10  # as torchvision's RandomResizedCrop
@@ -262,6 +267,9 @@ class FolderDataset(Dataset):
         seeds = [s for _, s in batch]
         labels = torch.tensor([self.samples[i][1] for i in idxs])
         if self.cache is not None:
+            for k, i in enumerate(idxs):
+                if i in self.cache.bad:  # stored as zeros: replaced by another sample in the main process
+                    labels[k] = -1
             block = torch.from_numpy(self.cache.gather(idxs))
             if self.spec.decode_on == "device":
                 return block, labels, idxs, seeds  # cropped in batch on the device
@@ -340,19 +348,23 @@ class TV2Loader:
             num_workers=spec.workers,
             pin_memory=on_cuda and (spec.decode_on == "workers" or cache is not None),  # batches cross to the GPU
             persistent_workers=spec.workers > 0,
+            worker_init_fn=ignore_stop_signals,
         )
 
     def __len__(self) -> int:
-        return len(self._loader)
+        n = self.sampler.full_length()
+        return n // self.batch_size if self.spec.train else math.ceil(n / self.batch_size)
 
     @property
     def num_samples(self) -> int:
         """Samples one epoch yields on this rank (after drop_last for training)."""
-        n = len(self.sampler)
+        n = self.sampler.full_length()
         return n // self.batch_size * self.batch_size if self.spec.train else n
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch to iterate next; `start_batch` > 0 resumes it after that many batches, with the
+        same samples and crops the uninterrupted epoch would have had."""
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._loader is None:
@@ -360,20 +372,46 @@ class TV2Loader:
         device = self.spec.device
         for data, labels, idxs, seeds in self._loader:
             bad = (labels < 0).nonzero().flatten().tolist()
-            if bad:
+            if bad and self.spec.on_error == "fail":
                 self._raise_unreadable(idxs[bad[0]])
             if self.cache is not None and self.spec.decode_on == "device":
                 images = augment_block(data.to(device, non_blocking=True).permute(0, 3, 1, 2), seeds, self.spec)
             elif self.spec.decode_on == "device":
-                images = self._decode_on_device(_unpack(data), idxs, seeds)
+                images, failed = self._decode_on_device(_unpack(data), idxs, seeds)
+                bad = sorted(set(bad) | set(failed))
             else:
                 images = data.to(device, non_blocking=True)
+            if bad:
+                images, labels = self._skip_bad(images, labels, bad, idxs)
             if images.dtype == torch.uint8:
                 images = normalize(images, self.spec.channels_last)
             yield images, labels.to(device, non_blocking=True)
 
-    def _decode_on_device(self, items: list[torch.Tensor], idxs: list[int], seeds: list[int]) -> torch.Tensor:
-        """JPEG bytes are decoded here in one batch; other formats arrive decoded from the workers."""
+    def _skip_bad(self, images: torch.Tensor, labels: torch.Tensor, bad: list[int], idxs: list[int]):
+        """`on_error: skip`: each undecodable sample is replaced by a good one of the same batch (the
+        batch keeps its size, so step counts and compiled shapes stay), and named once."""
+        for b in bad:
+            path = self.index.samples[idxs[b]][0]
+            try:
+                read_image(path)
+                reason = "cannot decode image"
+            except DataError as e:
+                reason = str(e).split(": ", 1)[-1]
+            warn_skipped(path, reason)
+        good = [i for i in range(len(labels)) if i not in set(bad)]
+        if not good:
+            raise DataError(f"{self.index.samples[idxs[bad[0]]][0]}: a whole batch of undecodable images")
+        source = torch.tensor([good[j % len(good)] for j in range(len(bad))])
+        images, labels = images.clone(), labels.clone()
+        images[torch.tensor(bad)] = images[source.to(images.device)]
+        labels[torch.tensor(bad)] = labels[source]
+        return images, labels
+
+    def _decode_on_device(
+        self, items: list[torch.Tensor], idxs: list[int], seeds: list[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """JPEG bytes are decoded here in one batch; other formats arrive decoded from the workers.
+        Also returns the positions that failed to decode (`on_error: skip`; else it raises)."""
         device = self.spec.device
         jpeg = [i for i, d in enumerate(items) if d.ndim == 1]
         images: list = [None if d.ndim == 1 else d.to(device, non_blocking=True) for d in items]
@@ -384,11 +422,18 @@ class TV2Loader:
                     images[i] = img
             except RuntimeError:
                 pass  # a corrupt JPEG in the batch: decode one by one below to name it
+        failed = []
         for i, img in enumerate(images):
             if img is None:
                 path = self.index.samples[idxs[i]][0]
-                images[i] = read_image(path).to(device, non_blocking=True)
-        return torch.stack([augment(img, s, self.spec) for img, s in zip(images, seeds)])
+                try:
+                    images[i] = read_image(path).to(device, non_blocking=True)
+                except DataError:
+                    if self.spec.on_error == "fail":
+                        raise
+                    failed.append(i)
+                    images[i] = torch.zeros(3, 8, 8, dtype=torch.uint8, device=device)  # replaced by _skip_bad
+        return torch.stack([augment(img, s, self.spec) for img, s in zip(images, seeds)]), failed
 
     def _raise_unreadable(self, idx: int) -> None:
         path = self.index.samples[idx][0]
@@ -399,6 +444,13 @@ class TV2Loader:
         """Stop the workers and drop the loader (stages rebuild loaders; memory must not grow)."""
         shutdown_workers(self._loader)
         self._loader = None
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the main process, which checkpoints and then stops them (a
+    Ctrl-C reaches the whole process group; a scheduler's SIGTERM may too)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def shutdown_workers(loader: DataLoader | None) -> None:

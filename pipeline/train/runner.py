@@ -6,6 +6,10 @@ Each epoch trains, validates, and checkpoints (last.pt, best.pt; stageK.pt when 
 from __future__ import annotations
 
 import math
+import re
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,12 +22,12 @@ import yaml
 
 from pipeline.config import Config, DataConfig, EmaConfig, StageSpec
 from pipeline.data import Datasets, Loader, build_loader, require_backend, resolve_workers, scan_datasets
-from pipeline.errors import ConfigError, DataError, UserError
+from pipeline.errors import ConfigError, DataError, Stopped, UserError
 from pipeline.files import write_json, write_text
 from pipeline.lr_finder import RangeTest, find_lr, plot, write_csv
 from pipeline.model import FreezePlan, ParamGroups, apply_freeze, build_model, optimizer_param_groups, param_groups
 from pipeline.report import MetricsLog, epoch_bar, format_summary
-from pipeline.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything
+from pipeline.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from pipeline.train.schedule import build_optimizer, build_scheduler, current_lr_momentum
 from pipeline.train.step import Precision, TrainStep, WeightEma, build_train_step, compile_model
 
@@ -39,6 +43,13 @@ class Progress:
     stage_seconds: float = 0.0  # training seconds spent in `stage` so far
     stage_images: int = 0
     seconds: float = 0.0  # wall seconds of finished stages
+    step: int = 0  # batches of epoch `epoch` already trained: > 0 in a checkpoint taken mid-epoch
+    partial: dict[str, float] = field(default_factory=dict)  # that epoch's loss sum, steps, images, seconds
+
+    @property
+    def started(self) -> bool:
+        """Whether the stage `stage` has trained at all."""
+        return self.epoch > 0 or self.step > 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,14 +109,25 @@ def new_run_dir(out_dir: Path, name: str) -> Path:
     return run_dir
 
 
+def newest_run(out_dir: Path, name: str) -> Path | None:
+    """The most recent run folder `<name>-<timestamp>[-N]` in `out_dir` that has a checkpoint."""
+    pattern = re.compile(re.escape(name) + r"-\d{8}-\d{6}(-\d+)?")
+    runs = [
+        d
+        for d in (out_dir.iterdir() if out_dir.is_dir() else [])
+        if pattern.fullmatch(d.name) and (d / "checkpoints" / "last.pt").is_file()
+    ]
+    return max(runs, key=lambda d: (d / "checkpoints" / "last.pt").stat().st_mtime, default=None)
+
+
 # On resume these may change; so may stages not yet started. Anything else would make the
 # checkpoint's optimizer, scheduler or weights disagree with the configuration.
-RESUME_MUTABLE = ("run.", "data.workers", "data.decode_on", "model.pretrained")
+RESUME_MUTABLE = ("run.", "data.workers", "data.decode_on", "data.on_error", "model.pretrained")
 
 
 def check_resume_changes(saved: dict[str, Any], current: dict[str, Any], progress: Progress) -> None:
     """Refuse `--set` changes on resume that touch what has already been trained."""
-    first_open = progress.stage + (1 if progress.epoch > 0 else 0)  # first stage not yet begun
+    first_open = progress.stage + (1 if progress.started else 0)  # first stage not yet begun
     for path, old, new in _differences(saved, current):
         if path.startswith(RESUME_MUTABLE):
             continue
@@ -127,7 +149,7 @@ def check_resume_data(checkpoint: dict[str, Any], datasets: Datasets, progress: 
             f"data.train: the class folders of {datasets.train.root} changed since the checkpoint "
             "(classes added, removed or renamed); resume needs the same classes, or start a new run"
         )
-    if progress.epoch > 0 and checkpoint.get("train_size", len(datasets.train)) != len(datasets.train):
+    if progress.started and checkpoint.get("train_size", len(datasets.train)) != len(datasets.train):
         raise DataError(
             f"data.train: {datasets.train.root} now has {len(datasets.train)} images, the run trained on "
             f"{checkpoint['train_size']}; resume mid-stage needs the same set (or start a new run)"
@@ -220,8 +242,9 @@ def run_training(cfg: Config, out_dir: Path | None = None, resume: Path | None =
         check_resume_data(checkpoint, datasets, progress)
         model = build_model(replace(cfg.model, pretrained=None), num_classes).to(device)  # weights: below
         model.load_state_dict(checkpoint["state_dict"])
-        MetricsLog.keep_before(run_dir / "metrics.jsonl", progress.stage, progress.epoch)
-        print(f"resuming {run_dir} at stage {progress.stage}, epoch {progress.epoch}")
+        MetricsLog.keep_before(run_dir / "metrics.jsonl", progress.stage, progress.epoch, progress.step)
+        where = f", batch {progress.step}" if progress.step else ""
+        print(f"resuming {run_dir} at stage {progress.stage}, epoch {progress.epoch}{where}")
     else:
         model = build_model(cfg.model, num_classes).to(device)
         check_input_sizes(model, cfg, device)
@@ -236,10 +259,46 @@ def run_training(cfg: Config, out_dir: Path | None = None, resume: Path | None =
     )
     runner = StageRunner(cfg, run_dir, device, datasets, model, num_classes, groups)
     try:
-        runner.run(progress, checkpoint)
+        with StopSignals() as stop:
+            runner.stop = stop
+            runner.run(progress, checkpoint)
     finally:
         runner.metrics.close()
     return run_dir
+
+
+class StopSignals:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to stop: it checkpoints at the next
+    optimizer step and exits with a message saying how to resume. A second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now (the last checkpoint stays whole)
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name}: stopping at the next step, after a checkpoint", file=sys.stderr)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def stopped(self, run_dir: Path, where: str) -> Stopped:
+        name = signal.Signals(self.requested).name
+        return Stopped(
+            f"stopped by {name} at {where}; checkpoint saved. Resume with: python -m pipeline run --resume {run_dir}",
+            128 + int(self.requested),
+        )
 
 
 class StageRunner:
@@ -258,6 +317,7 @@ class StageRunner:
         self.cfg, self.run_dir, self.device, self.datasets = cfg, run_dir, device, datasets
         self.model, self.num_classes, self.groups = model, num_classes, groups
         self.ema: WeightEma | None = None  # created by the first stage with `ema`; lives through the run
+        self.stop = StopSignals()  # run_training installs its handlers
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self._compiled: torch.nn.Module | None = None
         self._trainable: tuple | None = None  # what the compiled graphs were traced with
@@ -287,7 +347,7 @@ class StageRunner:
             self.ema.load_state_dict(checkpoint["state_dict_ema"], checkpoint.get("ema_updates", 0))
         for k in range(progress.stage, len(cfg.stages)):
             stage = cfg.stages[k]
-            resume_state = checkpoint if (checkpoint is not None and progress.epoch > 0) else None
+            resume_state = checkpoint if (checkpoint is not None and progress.started) else None
             self.run_stage(k, stage, progress, resume_state)
             checkpoint = None
         summary = {
@@ -374,12 +434,24 @@ class StageRunner:
             }
 
         ckpt_dir = self.run_dir / "checkpoints"
+
+        def save_mid_epoch(batches_done: int, partial: dict[str, float]) -> None:
+            progress.step, progress.partial = batches_done, partial
+            self.save([ckpt_dir / "last.pt"], state())
+
         for epoch in range(progress.epoch, stage.epochs):
-            seed_everything(derive_seed(stage_seed, epoch))  # Mixup draws; resumed epochs repeat exactly
-            train_loader.set_epoch(epoch)
+            start, rng = progress.step, None
+            if start == 0:
+                seed_everything(derive_seed(stage_seed, epoch))  # Mixup draws; resumed epochs repeat exactly
+            else:  # resumed mid-epoch: the RNGs as they were when the checkpoint was taken
+                rng = resume_state["rng"]
+            train_loader.set_epoch(epoch, start_batch=start)
             plan.train_mode(self.model)
-            step.start_epoch(len(train_loader))
-            seconds, images, train_loss = self.train_epoch(k, epoch, stage, step, train_loader, optimizer)
+            step.start_epoch(len(train_loader), start)
+            seconds, images, train_loss = self.train_epoch(
+                k, epoch, stage, step, train_loader, optimizer, start, progress.partial, rng, save_mid_epoch
+            )
+            progress.step, progress.partial = 0, {}
             val = evaluate(net, val_loader, precision, device)
             val_ema = evaluate(ema.module, val_loader, precision, device) if ema is not None else None
             progress.epoch = epoch + 1
@@ -423,25 +495,69 @@ class StageRunner:
             if progress.epoch == stage.epochs:
                 paths.append(ckpt_dir / f"stage{k}.pt")
             paths.append(ckpt_dir / "last.pt")  # last: a crash before it replays this epoch, rewriting all
-            save_checkpoint(paths, state())
+            self.save(paths, state())
+            if self.stop.requested:
+                raise self.stop.stopped(self.run_dir, f"stage {k}, after epoch {epoch}")
         train_loader.close()
         val_loader.close()
         progress.stage, progress.epoch = k + 1, 0
         progress.stage_seconds, progress.stage_images = 0.0, 0
 
-    def train_epoch(self, k: int, epoch: int, stage: StageSpec, step: TrainStep, loader: Loader, optimizer):
-        """One pass over the loader; metrics are flushed every `log_every` steps (one sync each)."""
-        log_every = self.cfg.run.log_every
-        bar = epoch_bar(len(loader), f"stage {k} {stage.img_size}px epoch {epoch + 1}/{stage.epochs}")
-        pending: list[tuple[int, torch.Tensor, float, float | None]] = []
-        loss_sum, steps, images = 0.0, 0, 0
-        start = window_start = time.perf_counter()
+    def save(self, paths: list[Path], state: dict[str, Any]) -> None:
+        """Write a checkpoint; a failed write (a full disk) leaves the previous one whole and stops the
+        run with a message that says so."""
         try:
-            for i, (x, y) in enumerate(loader):
+            save_checkpoint(paths, state)
+        except OSError as e:
+            last = self.run_dir / "checkpoints" / "last.pt"
+            kept = f"the previous checkpoint {last} is intact" if last.is_file() else "no checkpoint was written yet"
+            raise UserError(
+                f"cannot write checkpoint {paths[0]} ({e.strerror or e}); {kept}. Free space and resume with: "
+                f"python -m pipeline run --resume {self.run_dir}"
+            ) from None
+
+    def train_epoch(
+        self,
+        k: int,
+        epoch: int,
+        stage: StageSpec,
+        step: TrainStep,
+        loader: Loader,
+        optimizer,
+        start: int = 0,
+        partial: dict[str, float] | None = None,
+        rng: dict[str, Any] | None = None,
+        save_mid_epoch=None,
+    ) -> tuple[float, int, float]:
+        """One pass over the loader (from batch `start` when resumed mid-epoch); metrics are flushed
+        every `log_every` steps (one sync each). Every `run.checkpoint_every` minutes, and when a stop
+        is requested, `save_mid_epoch` checkpoints at an optimizer-step boundary."""
+        log_every = self.cfg.run.log_every
+        every = self.cfg.run.checkpoint_every * 60
+        n = len(loader)
+        bar = epoch_bar(n, f"stage {k} {stage.img_size}px epoch {epoch + 1}/{stage.epochs}")
+        bar.update(start)
+        pending: list[tuple[int, torch.Tensor, float, float | None]] = []
+        partial = partial or {}
+        loss_sum, steps = partial.get("loss_sum", 0.0), int(partial.get("steps", 0))
+        images, before = int(partial.get("images", 0)), partial.get("seconds", 0.0)
+        t0 = window_start = last_save = time.perf_counter()
+        batches = iter(loader)  # creating the iterator may draw from torch's RNG:
+        if rng is not None:  # a resumed epoch puts the RNGs back after it
+            set_rng_state(rng)
+        try:
+            for i, (x, y) in enumerate(batches, start=start):
                 lr, momentum = current_lr_momentum(optimizer)
                 pending.append((i, step(x, y), lr, momentum))
                 images += x.shape[0]
-                if len(pending) == log_every or i == len(loader) - 1:
+                now = time.perf_counter()
+                checkpoint = (
+                    save_mid_epoch is not None
+                    and step.at_boundary
+                    and i < n - 1  # the epoch's end saves anyway
+                    and (now - last_save >= every or self.stop.requested)
+                )
+                if len(pending) == log_every or i == n - 1 or checkpoint:
                     losses = torch.stack([p[1] for p in pending]).float().tolist()
                     now = time.perf_counter()
                     rate = len(pending) * x.shape[0] / (now - window_start)
@@ -473,9 +589,16 @@ class StageRunner:
                         postfix["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
                     bar.set_postfix(postfix)
                     pending = []
+                if checkpoint:
+                    self.metrics.flush()
+                    seconds = before + time.perf_counter() - t0
+                    save_mid_epoch(i + 1, {"loss_sum": loss_sum, "steps": steps, "images": images, "seconds": seconds})
+                    last_save = time.perf_counter()
+                    if self.stop.requested:
+                        raise self.stop.stopped(self.run_dir, f"stage {k}, epoch {epoch}, batch {i + 1} of {n}")
         finally:
             bar.close()  # clears the bar, so an error message starts on a line of its own
-        return time.perf_counter() - start, images, loss_sum / max(steps, 1)
+        return before + time.perf_counter() - t0, images, loss_sum / max(steps, 1)
 
 
 def stage_range_test(

@@ -133,8 +133,16 @@ class TrainStep:
         self.optimizer_steps = 0
         self.start_epoch(None)
 
-    def start_epoch(self, batches: int | None) -> None:
-        self._batch, self._batches = 0, batches
+    def start_epoch(self, batches: int | None, start: int = 0) -> None:
+        """An epoch of `batches` micro-batches begins (at batch `start` when resumed mid-epoch, which
+        is always the start of an accumulation window)."""
+        self._batch, self._batches = start, batches
+        self.stepped = False  # whether the last call ended with an optimizer step
+
+    @property
+    def at_boundary(self) -> bool:
+        """No accumulated gradient is pending: a checkpoint taken now loses nothing."""
+        return self.stepped
 
     @staticmethod
     def steps_per_epoch(batches: int, accum_steps: int) -> int:
@@ -157,7 +165,8 @@ class TrainStep:
             self.scaler.scale(scaled).backward()
         else:
             scaled.backward()
-        if i - window_start == window - 1:  # the window is complete
+        self.stepped = i - window_start == window - 1  # the window is complete
+        if self.stepped:
             self._optimizer_step()
         return loss.detach()
 

@@ -1,0 +1,186 @@
+"""`python -m pipeline check-data PATH`: what is in an image dataset, before hours are spent on it.
+
+Class counts, image modes (grayscale, CMYK, RGBA, palette, 16-bit), sizes, files that do not
+decode, and the same file in train and val. Every file is decoded once, in parallel processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import statistics
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from pipeline.data.folder import IMG_EXTENSIONS, header_problem
+from pipeline.errors import DataError
+
+ODD_MODES = {
+    "L": "grayscale",
+    "LA": "grayscale + alpha",
+    "1": "1-bit",
+    "P": "palette",
+    "CMYK": "CMYK",
+    "RGBA": "RGBA",
+    "I;16": "16-bit",
+    "I;16B": "16-bit",
+    "I": "32-bit integer",
+    "F": "32-bit float",
+}
+
+
+@dataclass
+class FileReport:
+    path: str
+    label: str
+    mode: str | None = None
+    width: int = 0
+    height: int = 0
+    problem: str | None = None
+    digest: str | None = None
+
+
+def inspect(args: tuple[str, str]) -> FileReport:
+    """One file: header check, then a full decode (a truncated or corrupt file fails here)."""
+    path, label = args
+    report = FileReport(path, label)
+    report.problem = header_problem(path)
+    if report.problem:
+        return report
+    try:
+        data = Path(path).read_bytes()
+        report.digest = hashlib.sha1(data).hexdigest()
+        with Image.open(path) as im:
+            report.mode, (report.width, report.height) = im.mode, im.size
+            im.load()
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the file's problem, reported by name
+        report.problem = f"cannot decode ({type(e).__name__}: {e})"
+    return report
+
+
+def splits_of(root: Path) -> dict[str, Path]:
+    """`root/train` and `root/val` (and `test`) when they are there, else `root` as one split."""
+    named = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    return named or {root.name or "data": root}
+
+
+def list_files(root: Path) -> list[tuple[str, str]]:
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")
+    files = []
+    for name in classes:
+        found = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        files.extend((str(p), name) for p in found)
+        if not any(p.suffix.lower() in IMG_EXTENSIONS for p in found):
+            files.append(("", name))  # marks an empty class
+    return files
+
+
+def check_dataset(root: Path, workers: int | None = None) -> dict[str, Any]:
+    """The report: per split, class counts, modes, sizes, bad files; duplicates within and across."""
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    workers = workers or max(1, (os.cpu_count() or 1))
+    report: dict[str, Any] = {"root": str(root), "splits": {}}
+    digests: dict[str, dict[str, str]] = {}
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for split, folder in splits_of(root).items():
+            listed = list_files(folder)
+            empty = sorted({label for path, label in listed if not path})
+            images = [(p, label) for p, label in listed if p and Path(p).suffix.lower() in IMG_EXTENSIONS]
+            ignored = [p for p, _ in listed if p and Path(p).suffix.lower() not in IMG_EXTENSIONS]
+            files = list(pool.map(inspect, images, chunksize=64))
+            good = [f for f in files if not f.problem]
+            counts = Counter(f.label for f in files)
+            seen: dict[str, str] = {}
+            within = []
+            for f in good:
+                if f.digest in seen:
+                    within.append([seen[f.digest], f.path])
+                else:
+                    seen[f.digest] = f.path
+            digests[split] = seen
+            widths, heights = [f.width for f in good], [f.height for f in good]
+            report["splits"][split] = {
+                "folder": str(folder),
+                "images": len(files),
+                "classes": {label: counts.get(label, 0) for label in sorted({lb for _, lb in listed})},
+                "empty_classes": empty,
+                "modes": dict(Counter(f.mode for f in good).most_common()),
+                "odd_modes": {
+                    m: [f.path for f in good if f.mode == m][:5] for m in sorted({f.mode for f in good}) if m != "RGB"
+                },
+                "size": _size_stats(widths, heights),
+                "bad_files": [{"path": f.path, "problem": f.problem} for f in files if f.problem],
+                "ignored_files": ignored[:20],
+                "duplicates_within": within[:50],
+            }
+    names = list(digests)
+    across = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            for digest, path in digests[a].items():
+                if digest in digests[b]:
+                    across.append([path, digests[b][digest]])
+    report["duplicates_across"] = across
+    return report
+
+
+def _size_stats(widths: list[int], heights: list[int]) -> dict[str, Any]:
+    if not widths:
+        return {}
+    return {
+        "width": {"min": min(widths), "median": statistics.median(widths), "max": max(widths)},
+        "height": {"min": min(heights), "median": statistics.median(heights), "max": max(heights)},
+    }
+
+
+def problems(report: dict[str, Any]) -> int:
+    """How many things would stop or spoil a training run: bad files, empty classes, train/val overlap."""
+    per_split = sum(len(s["bad_files"]) + len(s["empty_classes"]) for s in report["splits"].values())
+    return per_split + len(report["duplicates_across"])
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"dataset {report['root']}"]
+    for split, s in report["splits"].items():
+        counts = s["classes"]
+        lines.append(f"\n{split}: {s['images']} images in {len(counts)} classes ({s['folder']})")
+        if counts:
+            low, high = min(counts.values()), max(counts.values())
+            shown = ", ".join(f"{k} {v}" for k, v in list(counts.items())[:12]) + (" ..." if len(counts) > 12 else "")
+            lines.append(f"  classes: {shown}  (smallest {low}, largest {high})")
+        for name in s["empty_classes"]:
+            lines.append(f"  empty class folder: {name}")
+        modes = ", ".join(f"{m} {n}" for m, n in s["modes"].items())
+        lines.append(f"  modes: {modes or '-'}")
+        for mode, paths in s["odd_modes"].items():
+            what = ODD_MODES.get(mode, mode)
+            lines.append(f"    {mode} ({what}, converted to RGB when loaded): e.g. {paths[0]}")
+        if s["size"]:
+            w, h = s["size"]["width"], s["size"]["height"]
+            lines.append(
+                f"  sizes: width {w['min']}..{w['max']} (median {w['median']:g}), "
+                f"height {h['min']}..{h['max']} (median {h['median']:g})"
+            )
+        for bad in s["bad_files"]:
+            lines.append(f"  bad file: {bad['path']}: {bad['problem']}")
+        if s["ignored_files"]:
+            lines.append(
+                f"  not images by extension (ignored): {len(s['ignored_files'])}, e.g. {s['ignored_files'][0]}"
+            )
+        if s["duplicates_within"]:
+            a, b = s["duplicates_within"][0]
+            lines.append(f"  identical files within {split}: {len(s['duplicates_within'])}, e.g. {a} = {b}")
+    across = report["duplicates_across"]
+    if across:
+        lines.append(f"\nthe same file in two splits: {len(across)}, e.g. {across[0][0]} = {across[0][1]}")
+    n = problems(report)
+    lines.append(f"\n{n} problem(s)" if n else "\nno problems found")
+    return "\n".join(lines)

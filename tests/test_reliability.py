@@ -1,0 +1,276 @@
+"""Killed runs resume where they stopped, signals checkpoint and stop, failed writes lose nothing."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import importlib.util
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import pipeline.train.checkpoint as checkpoint_mod
+import pipeline.train.runner as runner_mod
+from pipeline.cli import main
+from pipeline.config import parse_config
+from pipeline.files import atomic_write
+from pipeline.report import MetricsLog
+from pipeline.train.checkpoint import load_checkpoint
+from pipeline.train.runner import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = [
+    "tv2",
+    pytest.param("dali", marks=pytest.mark.skipif(not importlib.util.find_spec("nvidia.dali"), reason="no DALI")),
+]
+
+
+def step_losses(run_dir: Path) -> list[tuple[int, int, int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["stage"], r["epoch"], r["step"], r["loss"]) for r in map(json.loads, lines) if r["kind"] == "step"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same final weights, bit for bit, and the same loss at every step."""
+    wa = load_checkpoint(a / "checkpoints" / "last.pt")["state_dict"]
+    wb = load_checkpoint(b / "checkpoints" / "last.pt")["state_dict"]
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert step_losses(a) == step_losses(b)
+
+
+@pytest.fixture
+def every_step_config(tiny_config) -> dict:
+    """Checkpoints at every optimizer step, so a kill lands mid-epoch; Mixup on."""
+    cfg = copy.deepcopy(tiny_config)
+    cfg["run"]["checkpoint_every"] = 0
+    cfg["stages"][0]["epochs"] = 2
+    return cfg
+
+
+class Stop(Exception):
+    pass
+
+
+def die_after_saves(monkeypatch, n: int) -> None:
+    real = runner_mod.save_checkpoint
+    calls = []
+
+    def save_then_die(paths, state):
+        real(paths, state)
+        calls.append(1)
+        if len(calls) == n:
+            raise Stop
+
+    monkeypatch.setattr(runner_mod, "save_checkpoint", save_then_die)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("saves", [3, 7])  # mid-epoch in stage 0's first and second epoch
+def test_resume_mid_epoch_is_bit_exact(every_step_config, tmp_path, monkeypatch, backend, saves):
+    every_step_config["data"]["backend"] = backend
+    reference = run_training(parse_config(every_step_config), out_dir=tmp_path / "a")
+    die_after_saves(monkeypatch, saves)
+    with pytest.raises(Stop):
+        run_training(parse_config(every_step_config), out_dir=tmp_path / "b")
+    monkeypatch.undo()
+    (run_dir,) = (tmp_path / "b").iterdir()
+    progress = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
+    assert progress["step"] > 0  # the checkpoint was taken mid-epoch
+    run_training(parse_config(every_step_config), resume=run_dir)
+    assert_same_run(reference, run_dir)
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start_run(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finished_run(args: list[str], cwd: Path) -> Path:
+    """A run never interrupted, in a process like the killed ones (the same thread count)."""
+    proc = start_run(args, cwd)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    return Path(next(line for line in out.splitlines() if line.startswith("run folder ")).split(" ", 2)[2])
+
+
+def wait_for_steps(proc: subprocess.Popen, run_root: Path, steps: int, timeout: float = 120) -> Path:
+    """Wait until the run has logged `steps` step records; returns its folder."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = list(run_root.glob("t-*")) if run_root.is_dir() else []
+        metrics = runs[0] / "metrics.jsonl" if runs else None
+        if metrics is not None and metrics.is_file() and metrics.read_text().count('"kind": "step"') >= steps:
+            return runs[0]
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before {steps} steps: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("timed out waiting for the run")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigkill_at_random_points_then_resume_matches(every_step_config, tmp_path):
+    """SIGKILL at random points (three seeds), resume, compare with a run never killed."""
+    every_step_config["run"]["log_every"] = 1  # every step reaches the metrics file at once
+    cfg_path = write_config(every_step_config, tmp_path / "tiny.yaml")
+    reference = finished_run([str(cfg_path), "--out", str(tmp_path / "reference")], tmp_path)  # same threads
+    total = len(step_losses(reference))
+    for seed in range(3):
+        rng = random.Random(seed)
+        out = tmp_path / f"killed{seed}"
+        proc = start_run([str(cfg_path), "--out", str(out)], tmp_path)
+        run_dir = wait_for_steps(proc, out, rng.randrange(2, total - 2))
+        time.sleep(rng.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        resumed = start_run(["--resume", str(run_dir)], tmp_path)
+        _, err = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, err[-2000:]
+        assert_same_run(reference, run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_checkpoint_and_say_how_to_resume(every_step_config, tmp_path, sig, code):
+    every_step_config["run"]["log_every"] = 1
+    every_step_config["run"]["checkpoint_every"] = 60  # only the signal makes it save mid-epoch
+    every_step_config["data"]["workers"] = 1  # workers must leave the signal to the main process
+    cfg_path = write_config(every_step_config, tmp_path / "tiny.yaml")
+    proc = start_run([str(cfg_path), "--out", str(tmp_path / "runs")], tmp_path)
+    run_dir = wait_for_steps(proc, tmp_path / "runs", 3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err
+    name = signal.Signals(sig).name
+    assert f"error: stopped by {name} at stage 0" in err
+    assert f"Resume with: python -m pipeline run --resume {run_dir}" in err
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert ckpt["progress"]["step"] > 0 or ckpt["progress"]["epoch"] > 0
+    resumed = start_run(["--resume", str(run_dir)], tmp_path)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    reference = finished_run([str(cfg_path), "--out", str(tmp_path / "reference")], tmp_path)
+    assert_same_run(reference, run_dir)
+
+
+def test_a_write_failing_midway_leaves_the_old_file(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_write(path, lambda f: f.write(b"old checkpoint"))
+
+    def half_then_fail(f):
+        f.write(b"new che")
+        raise OSError(errno.EIO, "I/O error")
+
+    with pytest.raises(OSError):
+        atomic_write(path, half_then_fail)
+    assert path.read_bytes() == b"old checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_a_full_disk_stops_the_run_with_the_last_checkpoint_intact(tiny_config, write_yaml, monkeypatch, capsys):
+    real = checkpoint_mod.atomic_write
+    calls = []
+
+    def disk_fills(path, write):
+        calls.append(path)
+        if len(calls) <= 2:  # stage 0, epoch 0: best.pt and last.pt
+            return real(path, write)
+
+        def partial(f):
+            f.write(b"\0" * 1000)  # part of it fits, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return real(path, partial)
+
+    monkeypatch.setattr(checkpoint_mod, "atomic_write", disk_fills)
+    path = write_yaml(tiny_config)
+    assert main(["run", str(path), "--out", str(path.parent / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    (run_dir,) = (path.parent / "runs").iterdir()
+    last = run_dir / "checkpoints" / "last.pt"
+    assert err.startswith("error: cannot write checkpoint") and "No space left on device" in err
+    assert f"the previous checkpoint {last} is intact" in err and "Traceback" not in err
+    assert load_checkpoint(last)["progress"]["epoch"] == 1  # stage 0's first epoch, whole
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_resume_auto_continues_the_newest_run_or_starts_one(tiny_config, write_yaml, monkeypatch, capsys):
+    path = write_yaml(tiny_config)
+    out = path.parent / "runs"
+    assert main(["run", str(path), "--out", str(out), "--resume", "auto"]) == 0  # none yet: a new run
+    assert "starting a new one" in capsys.readouterr().out
+    die_after_saves(monkeypatch, 1)
+    with pytest.raises(Stop):
+        main(["run", str(path), "--out", str(out)])
+    monkeypatch.undo()
+    newest = max(out.iterdir(), key=lambda d: d.stat().st_mtime)
+    assert main(["run", str(path), "--out", str(out), "--resume", "auto"]) == 0
+    assert f"--resume auto: {newest}" in capsys.readouterr().out
+    assert len(list(out.iterdir())) == 2
+    assert len(load_checkpoint(newest / "checkpoints" / "last.pt")["progress"]["stages"]) == 2  # finished
+
+
+def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [
+        {"kind": "lr_find", "stage": 1, "epoch": 0},
+        {"kind": "step", "stage": 1, "epoch": 0, "step": 0},
+        {"kind": "epoch", "stage": 1, "epoch": 0},
+        {"kind": "step", "stage": 1, "epoch": 1, "step": 0},
+        {"kind": "step", "stage": 1, "epoch": 1, "step": 1},
+        {"kind": "step", "stage": 1, "epoch": 1, "step": 2},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "st')  # a torn last line
+    MetricsLog.keep_before(path, stage=1, epoch=1, step=2)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == records[:5]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    every_step_config, write_yaml, monkeypatch, capsys
+):
+    import pipeline.train.step as step_mod
+
+    real = step_mod.TrainStep.__call__
+    calls = []
+
+    def poisoned(self, images, labels):
+        calls.append(1)
+        if len(calls) == 8:  # epoch 1, batch 2 of stage 0
+            images = images * float("nan")
+        return real(self, images, labels)
+
+    monkeypatch.setattr(step_mod.TrainStep, "__call__", poisoned)
+    path = write_yaml(every_step_config)
+    assert main(["run", str(path), "--out", str(path.parent / "runs")]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "stage 0 epoch 1 step 2: the loss is nan; training diverged" in err and "last.pt" in err
+    (run_dir,) = (path.parent / "runs").iterdir()
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert (ckpt["progress"]["epoch"], ckpt["progress"]["step"]) == (1, 2)  # taken before the bad step
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
