@@ -75,7 +75,7 @@ def list_files(root: Path) -> list[tuple[str, str]]:
         raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")
     files = []
     for name in classes:
-        found = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        found = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))  # as the scan
         files.extend((str(p), name) for p in found)
         if not any(p.suffix.lower() in IMG_EXTENSIONS for p in found):
             files.append(("", name))  # marks an empty class

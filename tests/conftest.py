@@ -82,3 +82,23 @@ def write_yaml(tmp_path):
         return path
 
     return write
+
+
+class Killed(Exception):
+    """Stands for a crash: raised right after a checkpoint was written."""
+
+
+def die_after_saves(monkeypatch, n: int) -> None:
+    """Make the run 'crash' right after its n-th checkpoint write (undo with monkeypatch.undo())."""
+    import pipeline.train.runner as runner_mod
+
+    real = runner_mod.save_checkpoint
+    calls = []
+
+    def save_then_die(paths, state):
+        real(paths, state)
+        calls.append(1)
+        if len(calls) == n:
+            raise Killed
+
+    monkeypatch.setattr(runner_mod, "save_checkpoint", save_then_die)

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.cli import main
@@ -138,3 +139,46 @@ def test_check_data_reports_the_zoo(tiny_data, tmp_path, capsys):
     assert main(["check-data", str(tiny_data)]) == 0
     assert "no problems found" in capsys.readouterr().out
     assert main(["check-data", str(tmp_path / "nowhere")]) == 2
+
+
+def corrupt_jpeg(path: Path) -> Path:
+    path.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)  # passes the scan, fails to decode
+    return path
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_in_validation_leaves_the_file_out_and_in_training_keeps_the_epoch(tiny_data, tmp_path, capsys, backend):
+    from pipeline.data.folder import scan_image_folder
+
+    from conftest import make_loader
+
+    root = tmp_path / "val"
+    shutil.copytree(tiny_data / "val", root)
+    bad = [corrupt_jpeg(root / "circle_hstripes" / "bad1.jpg"), corrupt_jpeg(root / "ring_vstripes" / "bad2.jpg")]
+    index = scan_image_folder(root, "data.val")
+    assert len(index) == 22
+    seen = sum(len(y) for _, y in make_loader(index, train=False, batch=4, backend=backend, on_error="skip"))
+    assert seen == 20  # every good image once, the two bad ones not at all
+    train = make_loader(index, train=True, batch=4, backend=backend, on_error="skip")
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        assert sum(1 for _ in train) == len(train) == 5  # the epoch keeps its length
+    err = capsys.readouterr().err
+    assert all(err.count(f"warning: skipping {p}") == 1 for p in bad)  # named once each
+
+
+def test_a_tv2_epoch_takes_its_seed_when_iterated(tiny_data):
+    """Creating the iterator draws the DataLoader's base seed at once, so a run resumed mid-epoch can
+    restore the RNGs after it and continue as if never stopped."""
+    from pipeline.data.folder import scan_image_folder
+
+    from conftest import make_loader
+
+    loader = make_loader(scan_image_folder(tiny_data / "val", "data.val"), train=True, batch=4)
+    before = torch.get_rng_state()
+    batches = iter(loader)
+    assert not torch.equal(before, torch.get_rng_state())
+    after = torch.get_rng_state()
+    next(batches)
+    assert torch.equal(after, torch.get_rng_state())

@@ -20,6 +20,8 @@ from pipeline.train.runner import run_training
 from pipeline.train.schedule import build_optimizer, build_scheduler
 from pipeline.train.step import Precision, TrainStep, WeightEma
 
+from conftest import Killed, die_after_saves
+
 CPU = torch.device("cpu")
 
 
@@ -320,22 +322,10 @@ def test_killed_and_resumed_matches_a_run_never_stopped(
     """Killed after its second checkpoint, resumed: the same weights, EMA and scheduler state."""
     cfg = make_config(tiny_config)
     reference = run_training(parse_config(cfg), out_dir=tmp_path / "a")
-    real_save = runner_mod.save_checkpoint
-    calls = []
-
-    class Stop(Exception):
-        pass
-
-    def save_then_die(paths, state):
-        real_save(paths, state)
-        calls.append(1)
-        if len(calls) == 2:
-            raise Stop
-
-    monkeypatch.setattr(runner_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(Stop):
+    die_after_saves(monkeypatch, 2)
+    with pytest.raises(Killed):
         run_training(parse_config(cfg), out_dir=tmp_path / "b")
-    monkeypatch.setattr(runner_mod, "save_checkpoint", real_save)
+    monkeypatch.undo()
     (run_dir,) = (tmp_path / "b").iterdir()
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["epoch"] == epoch_at_kill
     run_training(parse_config(cfg), resume=run_dir)

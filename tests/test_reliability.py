@@ -19,13 +19,14 @@ import torch
 import yaml
 
 import pipeline.train.checkpoint as checkpoint_mod
-import pipeline.train.runner as runner_mod
 from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.files import atomic_write
 from pipeline.report import MetricsLog
 from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.runner import run_training
+
+from conftest import Killed, die_after_saves
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = [
@@ -57,30 +58,13 @@ def every_step_config(tiny_config) -> dict:
     return cfg
 
 
-class Stop(Exception):
-    pass
-
-
-def die_after_saves(monkeypatch, n: int) -> None:
-    real = runner_mod.save_checkpoint
-    calls = []
-
-    def save_then_die(paths, state):
-        real(paths, state)
-        calls.append(1)
-        if len(calls) == n:
-            raise Stop
-
-    monkeypatch.setattr(runner_mod, "save_checkpoint", save_then_die)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("saves", [3, 7])  # mid-epoch in stage 0's first and second epoch
 def test_resume_mid_epoch_is_bit_exact(every_step_config, tmp_path, monkeypatch, backend, saves):
     every_step_config["data"]["backend"] = backend
     reference = run_training(parse_config(every_step_config), out_dir=tmp_path / "a")
     die_after_saves(monkeypatch, saves)
-    with pytest.raises(Stop):
+    with pytest.raises(Killed):
         run_training(parse_config(every_step_config), out_dir=tmp_path / "b")
     monkeypatch.undo()
     (run_dir,) = (tmp_path / "b").iterdir()
@@ -225,7 +209,7 @@ def test_resume_auto_continues_the_newest_run_or_starts_one(tiny_config, write_y
     assert main(["run", str(path), "--out", str(out), "--resume", "auto"]) == 0  # none yet: a new run
     assert "starting a new one" in capsys.readouterr().out
     die_after_saves(monkeypatch, 1)
-    with pytest.raises(Stop):
+    with pytest.raises(Killed):
         main(["run", str(path), "--out", str(out)])
     monkeypatch.undo()
     newest = max(out.iterdir(), key=lambda d: d.stat().st_mtime)

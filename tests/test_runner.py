@@ -21,6 +21,8 @@ from pipeline.config import parse_config
 from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.runner import run_training
 
+from conftest import Killed, die_after_saves
+
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = [
     "tv2",
@@ -107,10 +109,6 @@ def test_weights_are_carried_across_stages(tiny_config, tmp_path, monkeypatch):
     assert any(not torch.equal(starts[0][k], v) for k, v in end_of_stage0.items())
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("saves_before_kill", [1, 2])  # mid-stage (stage 0, epoch 1) and at a stage boundary
 def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch, saves_before_kill, backend):
@@ -118,19 +116,10 @@ def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch, s
     reference = train(tiny_config, tmp_path / "a")
     final = load_checkpoint(reference / "checkpoints" / "last.pt")["state_dict"]
 
-    real_save = runner_mod.save_checkpoint
-    calls = []
-
-    def save_then_die(paths, state):
-        real_save(paths, state)
-        calls.append(1)
-        if len(calls) == saves_before_kill:
-            raise Interrupt
-
-    monkeypatch.setattr(runner_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(Interrupt):
+    die_after_saves(monkeypatch, saves_before_kill)
+    with pytest.raises(Killed):
         train(tiny_config, tmp_path / "b")
-    monkeypatch.setattr(runner_mod, "save_checkpoint", real_save)
+    monkeypatch.undo()
     (run_dir,) = (tmp_path / "b" / "runs").iterdir()
     stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
     assert (stopped["stage"], stopped["epoch"]) == ((0, 1) if saves_before_kill == 1 else (0, 2))

@@ -27,6 +27,7 @@ from torchvision.transforms.v2 import functional as F
 
 from pipeline.data.demo import demo_cache_dir
 from pipeline.data.folder import ImageFolderIndex, jpeg_region, read_image, warn_skipped
+from pipeline.data.spec import ignore_stop_signals
 from pipeline.errors import DataError
 from pipeline.files import write_json
 
@@ -149,6 +150,7 @@ def build_cache(
         batch_size=None,
         sampler=BatchSampler(SequentialSampler(range(len(index))), 64, drop_last=False),
         num_workers=workers,
+        worker_init_fn=ignore_stop_signals,
     )
 
     bad: list[int] = []

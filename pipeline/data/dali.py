@@ -6,6 +6,7 @@ CPU threads (`device_id=None`); the pipeline is the same code, only the device s
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import math
@@ -20,7 +21,7 @@ from nvidia.dali import backend, fn, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipeline.data.folder import ImageFolderIndex, warn_skipped
+from pipeline.data.folder import ImageFolderIndex, skipped_files, warn_skipped
 from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, sample_seeds, shard_bounds
 from pipeline.errors import DataError
 
@@ -53,7 +54,6 @@ class DALILoader:
         self._epoch_token: object | None = None  # which generator owns the current pipeline
         self._closed = False
         self._skip = 0  # batches of the next epoch to drop (resumed mid-epoch)
-        self._bad: set[str] = set()  # files found undecodable (`on_error: skip`)
 
     def __len__(self) -> int:
         size = self._shard[1] - self._shard[0]
@@ -77,12 +77,20 @@ class DALILoader:
         if self.spec.train:
             order, _ = sample_seeds(self.spec.seed, self.epoch, len(samples))
             samples = [samples[i] for i in order[: self._n].tolist()]
-        if self._bad:
-            good = [k for k, (p, _) in enumerate(samples) if p not in self._bad]
-            if not good:
-                raise DataError(f"{self.index.root}: no image left that DALI can decode")
-            follow = {k: next((g for g in good if g > k), good[0]) for k in range(len(samples))}
-            samples = [samples[follow[k]] if p in self._bad else (p, y) for k, (p, y) in enumerate(samples)]
+        bad = skipped_files()
+        if bad and any(p in bad for p, _ in samples):
+            if not self.spec.train:  # validation leaves them out: every image counted once, as itself
+                samples = [s for s in samples if s[0] not in bad]
+                self._n = len(samples)
+                self._shard = shard_bounds(self._n, self.spec.rank, self.spec.world_size)
+            else:  # training: the next good file stands in, so the epoch keeps its length
+                good = [k for k, (p, _) in enumerate(samples) if p not in bad]
+                if not good:
+                    raise DataError(f"{self.index.root}: no image left that DALI can decode")
+                stand_in = {
+                    k: good[bisect.bisect_right(good, k) % len(good)] for k, (p, _) in enumerate(samples) if p in bad
+                }
+                samples = [samples[stand_in[k]] if k in stand_in else s for k, s in enumerate(samples)]
         return [p for p, _ in samples], [label for _, label in samples]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -128,8 +136,7 @@ class DALILoader:
                         ) from None
                     # skip: the epoch starts again without the file, and the batches already given
                     # are run through again and dropped (the same files, so the same crops)
-                    warn_skipped(path, reason)
-                    self._bad.add(path)
+                    warn_skipped(path, reason)  # and remembered: epoch_files leaves it out from now on
                     self._release()
                     files = self._start_pipeline()
                     token, skip, i = self._epoch_token, max(skip, i), 0

@@ -39,6 +39,11 @@ class ImageFolderIndex:
         return len(self.samples)
 
 
+def is_image_file(p: Path) -> bool:
+    """An image by its extension; hidden files (macOS `._name.jpg` resource forks) are not."""
+    return p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+
+
 def header_problem(path: str) -> str | None:
     """Why a file cannot be an image, from its first bytes (one small read): unreadable, empty, or
     a header no image format starts with. None when it looks like an image (decoding may still fail)."""
@@ -49,13 +54,28 @@ def header_problem(path: str) -> str | None:
         return f"cannot be read ({e.strerror or e})"
     if not head:
         return "zero bytes"
-    if not head.startswith(IMAGE_MAGIC) and not (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+    if head.startswith(IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return None
+    try:  # a rarer format: PIL's own header detection decides
+        with Image.open(path):
+            return None
+    except Exception:  # noqa: BLE001
         return "not an image (no image format's header)"
-    return None
 
 
-# JPEG, PNG, GIF, BMP, TIFF (both byte orders); WebP is RIFF....WEBP
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+# JPEG, PNG, GIF, BMP, TIFF and BigTIFF (both byte orders), PPM/PGM/PBM; WebP is RIFF....WEBP
+IMAGE_MAGIC = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"II+\x00",
+    b"MM\x00+",
+    *(f"P{i}".encode() for i in range(1, 7)),
+)
 
 
 def scan_image_folder(root: str | Path, field: str, on_error: str = "fail") -> ImageFolderIndex:
@@ -71,7 +91,7 @@ def scan_image_folder(root: str | Path, field: str, on_error: str = "fail") -> I
     found: list[tuple[str, int]] = []
     empty = []
     for label, name in enumerate(classes):
-        files = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        files = sorted(str(p) for p in (root / name).rglob("*") if is_image_file(p))
         if not files:
             empty.append(name)
         found.extend((f, label) for f in files)
@@ -107,6 +127,11 @@ def warn_skipped(path: str, why: str) -> None:
     if path not in _SKIPPED:
         _SKIPPED.add(path)
         print(f"warning: skipping {path}: {why}", file=sys.stderr)
+
+
+def skipped_files() -> set[str]:
+    """Files found bad so far in this process: later loaders (stages, validation) leave them out."""
+    return _SKIPPED
 
 
 def read_image(path: str) -> torch.Tensor:

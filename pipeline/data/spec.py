@@ -5,6 +5,7 @@ The runner only sees `Loader`; `LoaderSpec` carries one split, one stage and one
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -66,3 +67,10 @@ def sample_seeds(seed: int, epoch: int, n: int) -> tuple[torch.Tensor, torch.Ten
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """Contiguous shard `rank` of `n` items: sizes differ by at most one (DALI's readers split alike)."""
     return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the main process, which checkpoints and then stops them (a
+    Ctrl-C reaches the whole process group; a scheduler's SIGTERM may too)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

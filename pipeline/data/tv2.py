@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,7 +19,14 @@ from torchvision.transforms.v2 import functional as F
 
 from pipeline.data.cache import DecodedCache
 from pipeline.data.folder import ImageFolderIndex, dct_scale, jpeg_region, read_image, warn_skipped
-from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, sample_seeds, shard_bounds
+from pipeline.data.spec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LoaderSpec,
+    ignore_stop_signals,
+    sample_seeds,
+    shard_bounds,
+)
 from pipeline.errors import DataError
 
 
@@ -369,8 +375,13 @@ class TV2Loader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._loader is None:
             raise RuntimeError("loader used after close()")
+        # the DataLoader's iterator now, not at the first batch: it draws its base seed from torch's
+        # RNG, and a run resumed mid-epoch restores the RNGs after this call
+        return self._batches(iter(self._loader))
+
+    def _batches(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.spec.device
-        for data, labels, idxs, seeds in self._loader:
+        for data, labels, idxs, seeds in batches:
             bad = (labels < 0).nonzero().flatten().tolist()
             if bad and self.spec.on_error == "fail":
                 self._raise_unreadable(idxs[bad[0]])
@@ -388,8 +399,9 @@ class TV2Loader:
             yield images, labels.to(device, non_blocking=True)
 
     def _skip_bad(self, images: torch.Tensor, labels: torch.Tensor, bad: list[int], idxs: list[int]):
-        """`on_error: skip`: each undecodable sample is replaced by a good one of the same batch (the
-        batch keeps its size, so step counts and compiled shapes stay), and named once."""
+        """`on_error: skip`: in training each undecodable sample is replaced by a good one of the same
+        batch (the batch keeps its size, so step counts and compiled shapes stay); validation drops
+        it. Each is named once."""
         for b in bad:
             path = self.index.samples[idxs[b]][0]
             try:
@@ -401,6 +413,9 @@ class TV2Loader:
         good = [i for i in range(len(labels)) if i not in set(bad)]
         if not good:
             raise DataError(f"{self.index.samples[idxs[bad[0]]][0]}: a whole batch of undecodable images")
+        if not self.spec.train:  # validation leaves them out: every image is counted once, as itself
+            keep = torch.tensor(good)
+            return images[keep.to(images.device)], labels[keep]
         source = torch.tensor([good[j % len(good)] for j in range(len(bad))])
         images, labels = images.clone(), labels.clone()
         images[torch.tensor(bad)] = images[source.to(images.device)]
@@ -444,13 +459,6 @@ class TV2Loader:
         """Stop the workers and drop the loader (stages rebuild loaders; memory must not grow)."""
         shutdown_workers(self._loader)
         self._loader = None
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave SIGINT/SIGTERM to the main process, which checkpoints and then stops them (a
-    Ctrl-C reaches the whole process group; a scheduler's SIGTERM may too)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def shutdown_workers(loader: DataLoader | None) -> None:

@@ -6,9 +6,9 @@ Each epoch trains, validates, and checkpoints (last.pt, best.pt; stageK.pt when 
 from __future__ import annotations
 
 import math
+import os
 import re
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -281,7 +281,8 @@ class StopSignals:
         if self.requested == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now (the last checkpoint stays whole)
         self.requested = signum
-        print(f"\n{signal.Signals(signum).name}: stopping at the next step, after a checkpoint", file=sys.stderr)
+        # os.write, not print: the handler may run in the middle of another write to stderr
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping at the next step, after a checkpoint\n".encode())
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -496,7 +497,8 @@ class StageRunner:
                 paths.append(ckpt_dir / f"stage{k}.pt")
             paths.append(ckpt_dir / "last.pt")  # last: a crash before it replays this epoch, rewriting all
             self.save(paths, state())
-            if self.stop.requested:
+            finished = k == len(cfg.stages) - 1 and progress.epoch == stage.epochs
+            if self.stop.requested and not finished:  # the run's last epoch: it just ends
                 raise self.stop.stopped(self.run_dir, f"stage {k}, after epoch {epoch}")
         train_loader.close()
         val_loader.close()
