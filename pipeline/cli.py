@@ -6,10 +6,11 @@ Each subcommand reads the same stages file; nothing else parses arguments.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import DataError, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,8 +299,22 @@ def main(argv: list[str] | None = None) -> int:
         }
         return commands[args.command](args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", 0))  # under torchrun: rank 0 speaks for all, but a file is one rank's
+        if rank == 0 or isinstance(e, DataError):
+            print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except Exception as e:
+        from torch.distributed import DistError  # torch is loaded by now
+
+        peer_lost = int(os.environ.get("WORLD_SIZE", 1)) > 1 and any(
+            word in str(e) for word in ("Connection closed by peer", "NCCL", "gloo", "process group")
+        )
+        if not (isinstance(e, DistError) or peer_lost):
+            raise
+        # another process of the torchrun job failed first; its own message says why
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"error (rank {os.environ.get('RANK', 0)}): the job's process group failed: {first}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a clean stop; the last checkpoint is whole (files are written atomically)
         print("interrupted", file=sys.stderr)
         return 130

@@ -133,6 +133,8 @@ class OptimizerConfig:
     momentum: float = checked(0.9, unit_closed)
     weight_decay: float = checked(5.0e-5, non_negative)
     nesterov: bool = True
+    scale_lr: Literal["none", "linear", "sqrt"] = "none"  # lr x (batch / base_batch) or its square root
+    base_batch: int = checked(256, at_least_one)  # the batch size `lr` is meant for, with scale_lr
     betas: tuple[float, float] | None = checked(None, betas_check)  # Adam-family; null: the optimizer's own
     eps: float | None = checked(None, positive)
 
@@ -195,6 +197,7 @@ class TrainConfig:
     clip_grad: float | None = checked(None, positive)
     clip_mode: Literal["norm", "value", "agc"] = "norm"
     ema: EmaConfig | None = None  # e.g. {decay: 0.999}; evaluated and checkpointed beside the weights
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch
 
 
 @dataclass

@@ -18,18 +18,22 @@ from pipeline.files import write_text
 class MetricsLog:
     """`metrics.jsonl`: one JSON object a line (`kind`: step | epoch), appended and flushed."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
+        """`None`: a log that keeps nothing (the ranks other than 0 under torchrun)."""
         self.path = path
-        self._file = open(path, "a", buffering=1)
+        self._file = open(path, "a", buffering=1) if path is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
 
     def flush(self) -> None:
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     @staticmethod
     def keep_before(path: Path, stage: int, epoch: int, step: int = 0) -> None:

@@ -53,7 +53,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 def every_step_config(tiny_config) -> dict:
     """Checkpoints at every optimizer step, so a kill lands mid-epoch; Mixup on."""
     cfg = copy.deepcopy(tiny_config)
-    cfg["run"]["checkpoint_every"] = 0
+    cfg["run"].update(checkpoint_every=0, log_every=1)
     cfg["stages"][0]["epochs"] = 2
     return cfg
 

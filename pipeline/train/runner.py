@@ -5,6 +5,7 @@ Each epoch trains, validates, and checkpoints (last.pt, best.pt; stageK.pt when 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -20,8 +21,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from pipeline import distributed
 from pipeline.config import Config, DataConfig, EmaConfig, StageSpec
 from pipeline.data import Datasets, Loader, build_loader, require_backend, resolve_workers, scan_datasets
+from pipeline.distributed import World
 from pipeline.errors import ConfigError, DataError, Stopped, UserError
 from pipeline.files import write_json, write_text
 from pipeline.lr_finder import RangeTest, find_lr, plot, write_csv
@@ -52,11 +55,19 @@ class Progress:
         return self.epoch > 0 or self.step > 0
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: World = World()) -> torch.device:
+    """`auto`: CUDA if present; under torchrun each process takes the GPU of its local rank."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device: cuda was asked for but no CUDA device is available (use auto or cpu)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world.distributed:
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"torchrun: local rank {world.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                "use --nproc_per_node at most the number of GPUs"
+            )
+        return torch.device("cuda", world.local_rank)
     return torch.device(name)
 
 
@@ -69,22 +80,34 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def train_batch_size(stage: StageSpec) -> int:
-    """Mixup/CutMix pair each sample with its mirror in the batch, so the batch must be even."""
-    if stage.train.mixup is not None and stage.batch_size % 2:
-        return stage.batch_size - 1
-    return stage.batch_size
+def train_batch_size(stage: StageSpec, world_size: int = 1) -> int:
+    """Each process's share of the stage's (global) batch. Mixup/CutMix pair each sample with its
+    mirror in the batch, so that share must be even."""
+    batch = stage.batch_size // world_size
+    if stage.train.mixup is not None and batch % 2:
+        return batch - 1
+    return batch
 
 
-def check_stages(cfg: Config, datasets: Datasets) -> None:
-    """Catch, before any training, a stage whose batch cannot be filled by the training set."""
+def check_stages(cfg: Config, datasets: Datasets, world: World = World()) -> None:
+    """Catch, before any training, a stage whose batch cannot be filled by the training set or
+    split evenly over the processes."""
     n = len(datasets.train)
     for i, stage in enumerate(cfg.stages):
-        if train_batch_size(stage) > n or train_batch_size(stage) < 1:
+        if stage.batch_size % world.world_size:
+            raise ConfigError(
+                f"stages.{i}.batch_size: {stage.batch_size} is the global batch and does not divide by the "
+                f"{world.world_size} processes; use a multiple of {world.world_size}"
+            )
+        per_rank = n // world.world_size
+        if train_batch_size(stage, world.world_size) > per_rank or train_batch_size(stage, world.world_size) < 1:
+            share = f" ({per_rank} per process)" if world.distributed else ""
             raise ConfigError(
                 f"stages.{i}.batch_size: {stage.batch_size} is larger than the training set "
-                f"({n} images in {datasets.train.root}); use at most {n}"
+                f"({n} images in {datasets.train.root}{share}); use at most {per_rank * world.world_size}"
             )
+        if stage.train.sync_bn != cfg.train.sync_bn:
+            raise ConfigError(f"stages.{i}.sync_bn: set for the whole run, in train.sync_bn")
 
 
 def resolve_num_classes(cfg: Config, datasets: Datasets) -> int:
@@ -207,13 +230,17 @@ def _differences(old: Any, new: Any, path: str = ""):
         yield path, old, new
 
 
-def prepare(cfg: Config) -> tuple[torch.device, Datasets, int]:
+def prepare(cfg: Config, world: World = World()) -> tuple[torch.device, Datasets, int]:
     """Device, scanned datasets and class count; every user error surfaces here, before training."""
-    device = resolve_device(cfg.run.device)
+    device = resolve_device(cfg.run.device, world)
+    if cfg.train.sync_bn and world.distributed and device.type != "cuda":
+        raise ConfigError(
+            "train.sync_bn: SyncBatchNorm needs CUDA (NCCL); on CPU each process keeps its own statistics"
+        )
     for stage in cfg.stages:  # a stage may choose its own loader
         require_backend(stage.data.backend)
     datasets = scan_datasets(cfg.data)
-    check_stages(cfg, datasets)
+    check_stages(cfg, datasets, world)
     check_optimizers(cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -229,8 +256,20 @@ def describe_loader(data: DataConfig) -> str:
 
 
 def run_training(cfg: Config, out_dir: Path | None = None, resume: Path | None = None) -> Path:
-    """Train through every stage; returns the run folder. `resume`: a run folder to continue."""
-    device, datasets, num_classes = prepare(cfg)
+    """Train through every stage; returns the run folder. `resume`: a run folder to continue.
+    Under torchrun every process runs this; rank 0 alone writes and prints."""
+    world = distributed.from_environment()
+    device, datasets, num_classes = prepare(cfg, world)
+    distributed.init(world, device.type == "cuda")
+    try:
+        quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if not world.is_main else contextlib.nullcontext()
+        with quiet:
+            return _train(cfg, out_dir, resume, world, device, datasets, num_classes)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg: Config, out_dir, resume, world: World, device, datasets: Datasets, num_classes: int) -> Path:
     seed_everything(cfg.run.seed)
     checkpoint = None
     progress = Progress()
@@ -242,7 +281,9 @@ def run_training(cfg: Config, out_dir: Path | None = None, resume: Path | None =
         check_resume_data(checkpoint, datasets, progress)
         model = build_model(replace(cfg.model, pretrained=None), num_classes).to(device)  # weights: below
         model.load_state_dict(checkpoint["state_dict"])
-        MetricsLog.keep_before(run_dir / "metrics.jsonl", progress.stage, progress.epoch, progress.step)
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 cuts the metrics back
+        if world.is_main:
+            MetricsLog.keep_before(run_dir / "metrics.jsonl", progress.stage, progress.epoch, progress.step)
         where = f", batch {progress.step}" if progress.step else ""
         print(f"resuming {run_dir} at stage {progress.stage}, epoch {progress.epoch}{where}")
     else:
@@ -250,14 +291,20 @@ def run_training(cfg: Config, out_dir: Path | None = None, resume: Path | None =
         check_input_sizes(model, cfg, device)
     groups = param_groups(model)
     check_groups(model, cfg, groups)
+    if cfg.train.sync_bn and world.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if resume is None:
-        run_dir = new_run_dir(Path(out_dir or cfg.run.out_dir), cfg.run.name)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.raw, sort_keys=False))
+        run_dir = distributed.from_main(
+            new_run_dir(Path(out_dir or cfg.run.out_dir), cfg.run.name) if world.is_main else None
+        )
+    if world.is_main:
+        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.raw, sort_keys=False))
+    processes = f" x {world.world_size} processes (torchrun)" if world.distributed else ""
     print(
-        f"run folder {run_dir}\ndevice {device}; {len(datasets.train)} train / {len(datasets.val)} val images, "
-        f"{num_classes} classes; model {cfg.model.arch} (groups {groups.describe()})"
+        f"run folder {run_dir}\ndevice {device}{processes}; {len(datasets.train)} train / {len(datasets.val)} val "
+        f"images, {num_classes} classes; model {cfg.model.arch} (groups {groups.describe()})"
     )
-    runner = StageRunner(cfg, run_dir, device, datasets, model, num_classes, groups)
+    runner = StageRunner(cfg, run_dir, device, datasets, model, num_classes, groups, world)
     try:
         with StopSignals() as stop:
             runner.stop = stop
@@ -314,12 +361,13 @@ class StageRunner:
         model,
         num_classes: int,
         groups: ParamGroups,
+        world: World = World(),
     ):
         self.cfg, self.run_dir, self.device, self.datasets = cfg, run_dir, device, datasets
-        self.model, self.num_classes, self.groups = model, num_classes, groups
+        self.model, self.num_classes, self.groups, self.world = model, num_classes, groups, world
         self.ema: WeightEma | None = None  # created by the first stage with `ema`; lives through the run
         self.stop = StopSignals()  # run_training installs its handlers
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl") if world.is_main else MetricsLog(None)
         self._compiled: torch.nn.Module | None = None
         self._trainable: tuple | None = None  # what the compiled graphs were traced with
         # Each stage compiles one training and one evaluation graph; keep them all cached.
@@ -357,7 +405,8 @@ class StageRunner:
             "best_val_top1": progress.best_val_top1,
             "seconds": round(progress.seconds, 2),
         }
-        write_json(self.run_dir / "summary.json", summary)
+        if self.world.is_main:
+            write_json(self.run_dir / "summary.json", summary)
         print(format_summary(summary))
         print(f"done in {time.perf_counter() - run_start:.1f} s; outputs in {self.run_dir}")
 
@@ -365,11 +414,17 @@ class StageRunner:
         cfg, device, tc = self.cfg, self.device, stage.train
         stage_seed = derive_seed(cfg.run.seed, k)
         loader_args = dict(img_size=stage.img_size, device=device, seed=stage_seed, channels_last=tc.channels_last)
+        world = self.world
+        loader_args.update(rank=world.rank, world_size=world.world_size)  # each process reads its own shard
         train_loader = build_loader(
-            stage.data, self.datasets.train, train=True, batch_size=train_batch_size(stage), **loader_args
+            stage.data,
+            self.datasets.train,
+            train=True,
+            batch_size=train_batch_size(stage, world.world_size),
+            **loader_args,
         )
         val_loader = build_loader(
-            stage.data, self.datasets.val, train=False, batch_size=stage.batch_size, **loader_args
+            stage.data, self.datasets.val, train=False, batch_size=stage.batch_size // world.world_size, **loader_args
         )
         if tc.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -383,24 +438,39 @@ class StageRunner:
                 self.ema.module.to(memory_format=torch.channels_last)
         ema = self.ema if tc.ema is not None else None
         find = tc.optimizer.lr == "find"
+        if not find and tc.optimizer.scale_lr != "none":  # the rule for the stage's global batch
+            ratio = stage.batch_size / tc.optimizer.base_batch
+            tc = replace(
+                tc,
+                optimizer=replace(
+                    tc.optimizer,
+                    lr=tc.optimizer.lr * (ratio if tc.optimizer.scale_lr == "linear" else math.sqrt(ratio)),
+                ),
+            )
         optimizer = build_optimizer(
             optimizer_param_groups(self.model, tc, self.groups, f"stages.{k}"),
             replace(tc.optimizer, lr=1.0) if find else tc.optimizer,
         )
         net = self.network(stage, plan)
+        # the step trains through DDP (compiled, then wrapped, as timm does); evaluation calls `net`
+        train_net = net
+        if self.world.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
         if find and resume_state is None:  # a resumed stage gets its LRs back from the optimizer state
             result = stage_range_test(
-                self.model, net, optimizer, stage, train_loader, device, self.num_classes, stage_seed
+                self.model, train_net, optimizer, stage, train_loader, device, self.num_classes, stage_seed
             )
-            save_range_test(result, self.run_dir / f"lr_find_stage{k}", f"stage {k}: {stage.img_size}px")
-            lr = recommended_lr(result, f"stages.{k}.lr")
+            if self.world.is_main:
+                save_range_test(result, self.run_dir / f"lr_find_stage{k}", f"stage {k}: {stage.img_size}px")
+            lr = distributed.from_main(recommended_lr(result, f"stages.{k}.lr"))  # every rank trains with rank 0's
             for group in optimizer.param_groups:
                 group["lr"] *= lr  # the placeholder 1.0 kept each group's ratio
             self.metrics.write({"kind": "lr_find", "stage": k, "epoch": 0, "lr": lr, **result.suggestions})
             print(f"stage {k}: lr find suggests {lr:.3g} ({result.recommendation}); {result.stop_reason}")
         per_epoch = TrainStep.steps_per_epoch(len(train_loader), tc.accum_steps)
         scheduler = build_scheduler(optimizer, tc.schedule, per_epoch * stage.epochs, per_epoch)
-        step = build_train_step(net, optimizer, scheduler, tc, device, self.num_classes, ema=ema)
+        step = build_train_step(train_net, optimizer, scheduler, tc, device, self.num_classes, ema=ema)
         precision, scaler = step.precision, step.scaler
         if resume_state is not None:
             optimizer.load_state_dict(resume_state["optimizer"])
@@ -408,7 +478,9 @@ class StageRunner:
             if scaler is not None and resume_state.get("scaler"):
                 scaler.load_state_dict(resume_state["scaler"])
         print(
-            f"stage {k}: {stage.img_size}px, batch {train_loader.batch_size}, {stage.epochs} epochs x "
+            f"stage {k}: {stage.img_size}px, batch {train_loader.batch_size * world.world_size}"
+            + (f" ({train_loader.batch_size} per process)" if world.distributed else "")
+            + f", {stage.epochs} epochs x "
             f"{len(train_loader)} steps; amp {precision.name}, compile {'on' if net is not self.model else 'off'}, "
             f"mixup {'on' if step.mixup else 'off'}; loader {describe_loader(stage.data)}"
             + (f"; frozen {', '.join(plan.frozen)}" if plan.frozen else "")
@@ -498,16 +570,28 @@ class StageRunner:
             paths.append(ckpt_dir / "last.pt")  # last: a crash before it replays this epoch, rewriting all
             self.save(paths, state())
             finished = k == len(cfg.stages) - 1 and progress.epoch == stage.epochs
-            if self.stop.requested and not finished:  # the run's last epoch: it just ends
+            if self.agree(False) and not finished:  # a stop asked for; in the run's last epoch it just ends
                 raise self.stop.stopped(self.run_dir, f"stage {k}, after epoch {epoch}")
         train_loader.close()
         val_loader.close()
         progress.stage, progress.epoch = k + 1, 0
         progress.stage_seconds, progress.stage_images = 0.0, 0
 
+    def agree(self, due: bool) -> bool:
+        """Whether to checkpoint now: `due` here, or a stop asked for, on any process. Every process
+        takes part (one small collective under torchrun), so all of them save and stop at the same
+        step; a process that did not get the signal itself stops too."""
+        flags = torch.tensor([int(due), int(self.stop.requested is not None)], device=self.device)
+        due_any, stop_any = distributed.max_all(flags).tolist()
+        if stop_any and self.stop.requested is None:
+            self.stop.requested = signal.SIGTERM  # another process was told to stop
+        return bool(due_any or stop_any)
+
     def save(self, paths: list[Path], state: dict[str, Any]) -> None:
         """Write a checkpoint; a failed write (a full disk) leaves the previous one whole and stops the
-        run with a message that says so."""
+        run with a message that says so. Rank 0 alone writes."""
+        if not self.world.is_main:
+            return
         try:
             save_checkpoint(paths, state)
         except OSError as e:
@@ -537,13 +621,14 @@ class StageRunner:
         log_every = self.cfg.run.log_every
         every = self.cfg.run.checkpoint_every * 60
         n = len(loader)
-        bar = epoch_bar(n, f"stage {k} {stage.img_size}px epoch {epoch + 1}/{stage.epochs}")
+        bar = epoch_bar(n, f"stage {k} {stage.img_size}px epoch {epoch + 1}/{stage.epochs}", self.world.is_main)
         bar.update(start)
         pending: list[tuple[int, torch.Tensor, float, float | None]] = []
         partial = partial or {}
         loss_sum, steps = partial.get("loss_sum", 0.0), int(partial.get("steps", 0))
         images, before = int(partial.get("images", 0)), partial.get("seconds", 0.0)
         t0 = window_start = last_save = time.perf_counter()
+        due = False  # a checkpoint at the next optimizer-step boundary (every process agrees on it)
         batches = iter(loader)  # creating the iterator may draw from torch's RNG:
         if rng is not None:  # a resumed epoch puts the RNGs back after it
             set_rng_state(rng)
@@ -551,16 +636,12 @@ class StageRunner:
             for i, (x, y) in enumerate(batches, start=start):
                 lr, momentum = current_lr_momentum(optimizer)
                 pending.append((i, step(x, y), lr, momentum))
-                images += x.shape[0]
-                now = time.perf_counter()
-                checkpoint = (
-                    save_mid_epoch is not None
-                    and step.at_boundary
-                    and i < n - 1  # the epoch's end saves anyway
-                    and (now - last_save >= every or self.stop.requested)
-                )
+                images += x.shape[0] * self.world.world_size
+                checkpoint = due and step.at_boundary and i < n - 1  # the epoch's end saves anyway
                 if len(pending) == log_every or i == n - 1 or checkpoint:
-                    losses = torch.stack([p[1] for p in pending]).float().tolist()
+                    # the global batch's loss: the mean over the processes (one collective per flush)
+                    stacked = distributed.sum_all(torch.stack([p[1] for p in pending]).float())
+                    losses = (stacked / self.world.world_size).tolist()
                     now = time.perf_counter()
                     rate = len(pending) * x.shape[0] / (now - window_start)
                     window_start = now
@@ -591,11 +672,14 @@ class StageRunner:
                         postfix["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
                     bar.set_postfix(postfix)
                     pending = []
+                    if not due and save_mid_epoch is not None and i < n - 1:  # decided together, at flushes
+                        due = self.agree(time.perf_counter() - last_save >= every)
+                        checkpoint = due and step.at_boundary
                 if checkpoint:
                     self.metrics.flush()
                     seconds = before + time.perf_counter() - t0
                     save_mid_epoch(i + 1, {"loss_sum": loss_sum, "steps": steps, "images": images, "seconds": seconds})
-                    last_save = time.perf_counter()
+                    last_save, due = time.perf_counter(), False
                     if self.stop.requested:
                         raise self.stop.stopped(self.run_dir, f"stage {k}, epoch {epoch}, batch {i + 1} of {n}")
         finally:
@@ -617,12 +701,17 @@ def stage_range_test(
     """The LR range test with this stage's loader, AMP, Mixup and label smoothing; leaves no trace."""
     step = build_train_step(net, optimizer, None, stage.train, device, num_classes, accumulate=False)
     passes = iter(range(10**6))
+    world = distributed.current()
 
     def batches():
         loader.set_epoch(10**6 + next(passes))  # passes of their own, apart from the run's epochs
         return loader
 
-    return find_lr(model, optimizer, step, batches, seed=derive_seed(seed, 2**31), **kwargs)
+    def global_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # under torchrun: the mean loss of every process, so they all stop the test at the same step
+        return distributed.sum_all(step(x, y).float().clone()) / world.world_size
+
+    return find_lr(model, optimizer, global_step, batches, seed=derive_seed(seed, 2**31), **kwargs)
 
 
 def save_range_test(result: RangeTest, prefix: Path, title: str) -> None:
@@ -700,10 +789,13 @@ def evaluate(net: torch.nn.Module, loader: Loader, precision: Precision, device:
         count += n
     for m, training in modes:
         m.training = training
-    count = max(count, 1)
+    # under torchrun each process saw its own shard: the sums over every process
+    totals = torch.stack([loss_sum, correct1.double(), correct5.double(), torch.tensor(float(count), device=device)])
+    loss_sum, correct1, correct5, count = distributed.sum_all(totals).tolist()
+    count = max(int(count), 1)
     return {
-        "loss": round(loss_sum.item() / count, 5),
-        "top1": round(100.0 * correct1.item() / count, 3),
-        "top5": round(100.0 * correct5.item() / count, 3),
+        "loss": round(loss_sum / count, 5),
+        "top1": round(100.0 * correct1 / count, 3),
+        "top5": round(100.0 * correct5 / count, 3),
         "samples": count,
     }

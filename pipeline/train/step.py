@@ -6,6 +6,7 @@ Also the precision choice (bf16 needs no GradScaler; fp16 does) and torch.compil
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -154,18 +155,21 @@ class TrainStep:
         window_start = i - i % accum
         remaining = self._batches - window_start if self._batches is not None else accum
         window = max(1, min(accum, remaining))  # the epoch's last window may be shorter
+        self.stepped = i - window_start == window - 1  # the window completes with this batch
         if self.mixup is not None:
             images, labels = self.mixup(images, labels)
-        with self.precision.autocast(self.device):
-            loss = self.criterion(self.model(images), labels)
         if i % accum == 0:
             self.optimizer.zero_grad(set_to_none=True)
-        scaled = loss / window if window > 1 else loss
-        if self.scaler is not None:
-            self.scaler.scale(scaled).backward()
-        else:
-            scaled.backward()
-        self.stepped = i - window_start == window - 1  # the window is complete
+        # DDP: gradients are averaged across processes once per window, at its last micro-batch
+        no_sync = getattr(self.model, "no_sync", None)
+        with no_sync() if no_sync is not None and not self.stepped else contextlib.nullcontext():
+            with self.precision.autocast(self.device):
+                loss = self.criterion(self.model(images), labels)
+            scaled = loss / window if window > 1 else loss
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
         if self.stepped:
             self._optimizer_step()
         return loss.detach()

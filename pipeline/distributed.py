@@ -1,0 +1,87 @@
+"""Many processes under `torchrun`: one per device, DistributedDataParallel, rank 0 writes.
+
+Outside torchrun every helper is a no-op for a world of one, so the runner never branches on it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place: rank among world_size processes, local_rank on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_environment() -> World:
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a world of one."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return World()
+    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(world: World, cuda: bool) -> None:
+    """Join the process group: NCCL between GPUs, gloo on CPU. A rank that fails or stalls brings the
+    others down after `timeout` rather than leaving them waiting for ever."""
+    if not world.distributed or dist.is_initialized():
+        return
+    if cuda:
+        torch.cuda.set_device(world.local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def current() -> World:
+    """The world of a running process group (a world of one without one)."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return World()
+
+
+def sum_all(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum over every rank (in place); the tensor itself for a world of one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def max_all(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a run folder, an LR found by the range test)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
