@@ -82,6 +82,18 @@ def from_main(value: Any) -> Any:
     return box[0]
 
 
+def same_buffers(*modules: torch.nn.Module | None) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank: DDP sends them at the start of each
+    training forward, so after an epoch's last step every rank holds its own; evaluation and the
+    checkpoint use rank 0's."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for module in modules:
+        if module is not None:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

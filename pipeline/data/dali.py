@@ -54,6 +54,7 @@ class DALILoader:
         self._epoch_token: object | None = None  # which generator owns the current pipeline
         self._closed = False
         self._skip = 0  # batches of the next epoch to drop (resumed mid-epoch)
+        self._local = False  # validation without skipped files: this rank's files alone
 
     def __len__(self) -> int:
         size = self._shard[1] - self._shard[0]
@@ -80,9 +81,10 @@ class DALILoader:
         bad = skipped_files()
         if bad and any(p in bad for p, _ in samples):
             if not self.spec.train:  # validation leaves them out: every image counted once, as itself
-                samples = [s for s in samples if s[0] not in bad]
-                self._n = len(samples)
-                self._shard = shard_bounds(self._n, self.spec.rank, self.spec.world_size)
+                # this rank's own shard without them, read as a single shard: the ranks stay disjoint
+                start, end = shard_bounds(len(samples), self.spec.rank, self.spec.world_size)
+                samples = [s for s in samples[start:end] if s[0] not in bad]
+                self._local, self._shard = True, (0, len(samples))
             else:  # training: the next good file stands in, so the epoch keeps its length
                 good = [k for k, (p, _) in enumerate(samples) if p not in bad]
                 if not good:
@@ -175,8 +177,8 @@ class DALILoader:
             encoded, label = fn.readers.file(
                 files=files,
                 labels=labels,
-                shard_id=spec.rank,
-                num_shards=spec.world_size,
+                shard_id=0 if self._local else spec.rank,
+                num_shards=1 if self._local else spec.world_size,
                 pad_last_batch=True,  # each epoch starts at the shard's first file
                 name=READER,
             )

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from timm.layers import convert_sync_batchnorm
 
 from pipeline import distributed
 from pipeline.config import Config, DataConfig, EmaConfig, StageSpec
@@ -105,6 +106,11 @@ def check_stages(cfg: Config, datasets: Datasets, world: World = World()) -> Non
             raise ConfigError(
                 f"stages.{i}.batch_size: {stage.batch_size} is larger than the training set "
                 f"({n} images in {datasets.train.root}{share}); use at most {per_rank * world.world_size}"
+            )
+        if world.distributed and stage.train.mixup is not None and (stage.batch_size // world.world_size) % 2:
+            raise ConfigError(
+                f"stages.{i}.batch_size: {stage.batch_size} gives each of the {world.world_size} processes an odd "
+                f"share, and Mixup pairs samples; use a multiple of {2 * world.world_size}"
             )
         if stage.train.sync_bn != cfg.train.sync_bn:
             raise ConfigError(f"stages.{i}.sync_bn: set for the whole run, in train.sync_bn")
@@ -279,6 +285,12 @@ def _train(cfg: Config, out_dir, resume, world: World, device, datasets: Dataset
         progress = Progress(**checkpoint["progress"])
         check_resume_changes(checkpoint["config"], cfg.raw, progress)
         check_resume_data(checkpoint, datasets, progress)
+        saved_world = checkpoint.get("world_size", 1)
+        if progress.step > 0 and saved_world != world.world_size:  # shards, and so the batches done, differ
+            raise ConfigError(
+                f"--resume: the checkpoint was taken mid-epoch by {saved_world} process(es); resume it with "
+                f"{saved_world} (at an epoch's end any number may go on)"
+            )
         model = build_model(replace(cfg.model, pretrained=None), num_classes).to(device)  # weights: below
         model.load_state_dict(checkpoint["state_dict"])
         distributed.barrier()  # every rank has read the checkpoint before rank 0 cuts the metrics back
@@ -292,7 +304,7 @@ def _train(cfg: Config, out_dir, resume, world: World, device, datasets: Dataset
     groups = param_groups(model)
     check_groups(model, cfg, groups)
     if cfg.train.sync_bn and world.distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
     if resume is None:
         run_dir = distributed.from_main(
             new_run_dir(Path(out_dir or cfg.run.out_dir), cfg.run.name) if world.is_main else None
@@ -439,7 +451,7 @@ class StageRunner:
         ema = self.ema if tc.ema is not None else None
         find = tc.optimizer.lr == "find"
         if not find and tc.optimizer.scale_lr != "none":  # the rule for the stage's global batch
-            ratio = stage.batch_size / tc.optimizer.base_batch
+            ratio = stage.batch_size * tc.accum_steps / tc.optimizer.base_batch  # samples per optimizer step
             tc = replace(
                 tc,
                 optimizer=replace(
@@ -452,11 +464,13 @@ class StageRunner:
             replace(tc.optimizer, lr=1.0) if find else tc.optimizer,
         )
         net = self.network(stage, plan)
-        # the step trains through DDP (compiled, then wrapped, as timm does); evaluation calls `net`
         train_net = net
-        if self.world.distributed:
+        if self.world.distributed:  # DDP, then torch.compile, as timm's train.py: the compiled backward
+            # then overlaps the gradient all-reduce (DDPOptimizer); evaluation calls `net`, with no DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
-            train_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+            train_net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            if net is not self.model:
+                train_net = compile_model(train_net)
         if find and resume_state is None:  # a resumed stage gets its LRs back from the optimizer state
             result = stage_range_test(
                 self.model, train_net, optimizer, stage, train_loader, device, self.num_classes, stage_seed
@@ -496,6 +510,7 @@ class StageRunner:
                 "num_classes": self.num_classes,
                 "classes": self.datasets.classes,
                 "train_size": len(self.datasets.train),
+                "world_size": self.world.world_size,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
@@ -525,6 +540,7 @@ class StageRunner:
                 k, epoch, stage, step, train_loader, optimizer, start, progress.partial, rng, save_mid_epoch
             )
             progress.step, progress.partial = 0, {}
+            distributed.same_buffers(self.model, self.ema.module if ema is not None else None)
             val = evaluate(net, val_loader, precision, device)
             val_ema = evaluate(ema.module, val_loader, precision, device) if ema is not None else None
             progress.epoch = epoch + 1
@@ -590,17 +606,23 @@ class StageRunner:
     def save(self, paths: list[Path], state: dict[str, Any]) -> None:
         """Write a checkpoint; a failed write (a full disk) leaves the previous one whole and stops the
         run with a message that says so. Rank 0 alone writes."""
-        if not self.world.is_main:
-            return
-        try:
-            save_checkpoint(paths, state)
-        except OSError as e:
-            last = self.run_dir / "checkpoints" / "last.pt"
-            kept = f"the previous checkpoint {last} is intact" if last.is_file() else "no checkpoint was written yet"
-            raise UserError(
-                f"cannot write checkpoint {paths[0]} ({e.strerror or e}); {kept}. Free space and resume with: "
-                f"python -m pipeline run --resume {self.run_dir}"
-            ) from None
+        problem = None
+        if self.world.is_main:
+            try:
+                save_checkpoint(paths, state)
+            except OSError as e:
+                last = self.run_dir / "checkpoints" / "last.pt"
+                kept = (
+                    f"the previous checkpoint {last} is intact" if last.is_file() else "no checkpoint was written yet"
+                )
+                problem = (
+                    f"cannot write checkpoint {paths[0]} ({e.strerror or e}); {kept}. Free space and resume with: "
+                    f"python -m pipeline run --resume {self.run_dir}"
+                )
+        # every process learns whether rank 0's write failed (and waits for it to finish): they stop together
+        failed = distributed.max_all(torch.tensor([int(problem is not None)], device=self.device)).item()
+        if failed:
+            raise UserError(problem or "rank 0 could not write a checkpoint (its message says why)")
 
     def train_epoch(
         self,
@@ -637,13 +659,15 @@ class StageRunner:
                 lr, momentum = current_lr_momentum(optimizer)
                 pending.append((i, step(x, y), lr, momentum))
                 images += x.shape[0] * self.world.world_size
+                if not self.world.distributed and save_mid_epoch is not None:  # one process: at any step
+                    due = due or time.perf_counter() - last_save >= every or self.stop.requested is not None
                 checkpoint = due and step.at_boundary and i < n - 1  # the epoch's end saves anyway
                 if len(pending) == log_every or i == n - 1 or checkpoint:
                     # the global batch's loss: the mean over the processes (one collective per flush)
                     stacked = distributed.sum_all(torch.stack([p[1] for p in pending]).float())
                     losses = (stacked / self.world.world_size).tolist()
                     now = time.perf_counter()
-                    rate = len(pending) * x.shape[0] / (now - window_start)
+                    rate = len(pending) * x.shape[0] * self.world.world_size / (now - window_start)
                     window_start = now
                     for (j, _, lr_j, mom_j), loss in zip(pending, losses):
                         if not math.isfinite(loss) and step.scaler is None:
@@ -672,7 +696,8 @@ class StageRunner:
                         postfix["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
                     bar.set_postfix(postfix)
                     pending = []
-                    if not due and save_mid_epoch is not None and i < n - 1:  # decided together, at flushes
+                    if self.world.distributed and not due and save_mid_epoch is not None and i < n - 1:
+                        # under torchrun the processes decide together, at flushes (one collective)
                         due = self.agree(time.perf_counter() - last_save >= every)
                         checkpoint = due and step.at_boundary
                 if checkpoint:
@@ -680,7 +705,7 @@ class StageRunner:
                     seconds = before + time.perf_counter() - t0
                     save_mid_epoch(i + 1, {"loss_sum": loss_sum, "steps": steps, "images": images, "seconds": seconds})
                     last_save, due = time.perf_counter(), False
-                    if self.stop.requested:
+                    if self.agree(False):  # a stop asked for, on any process: all stop here, after the save
                         raise self.stop.stopped(self.run_dir, f"stage {k}, epoch {epoch}, batch {i + 1} of {n}")
         finally:
             bar.close()  # clears the bar, so an error message starts on a line of its own
