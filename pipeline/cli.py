@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=None, help="loader workers (default: the run's data.workers)")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ev.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/eval)")
+    cmp = sub.add_parser("compare", help="runs side by side: a table and overlaid validation curves")
+    cmp.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="two or more run folders")
+    cmp.add_argument("--out", type=Path, default=Path("compare"), help="output folder (default ./compare)")
+    cmp.add_argument(
+        "--target", type=float, default=None, help="top-1 (%%) for 'time to target' (default: the lowest final top-1)"
+    )
     check = sub.add_parser("check-data", help="class counts, image modes, sizes, bad files, train/val duplicates")
     check.add_argument("path", type=Path, help="an ImageFolder, or a folder with train/ and val/ ImageFolders")
     check.add_argument("--json", type=Path, default=None, help="also write the report to this file")
@@ -241,6 +247,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare import format_table, run_compare
+
+    if args.target is not None and not 0 < args.target <= 100:
+        raise UserError(f"--target {args.target}: a top-1 accuracy in percent, in (0, 100]")
+    result, files = run_compare(args.runs, args.out, args.target)
+    print(format_table(result))
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
 def cmd_check_data(args: argparse.Namespace) -> int:
     """Exit status 0 when nothing would stop or spoil training, 1 when something would."""
     from pipeline.check_data import check_dataset, format_report, problems
@@ -296,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench-loader": cmd_bench_loader,
             "eval": cmd_eval,
             "check-data": cmd_check_data,
+            "compare": cmd_compare,
         }
         return commands[args.command](args)
     except UserError as e:

@@ -77,3 +77,120 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"best {summary['best_val_top1']:.2f}%"
     )
     return "\n".join(rows)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (a torn last line, from a crash, is left out)."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def run_curves(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-step and per-epoch series on one x axis: optimizer-step records numbered in run order."""
+    steps = [r for r in records if r.get("kind") == "step"]
+    index = {(r["stage"], r["epoch"], r["step"]): i for i, r in enumerate(steps)}
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    last: dict[tuple[int, int], int] = {}
+    for (stage, epoch, _), i in index.items():
+        last[(stage, epoch)] = max(i, last.get((stage, epoch), -1))
+    ends = []  # the step index each epoch ended at
+    for r in epochs:
+        end = last.get((r["stage"], r["epoch"]))
+        ends.append(end + 1 if end is not None else (ends[-1] if ends else 0))
+    stages = []  # (first step, last step, img_size) per stage
+    for r in steps:
+        if not stages or stages[-1][2] != r["stage"]:
+            stages.append([index[(r["stage"], r["epoch"], r["step"])], 0, r["stage"]])
+        stages[-1][1] = index[(r["stage"], r["epoch"], r["step"])] + 1
+    sizes = {r["stage"]: r["img_size"] for r in epochs}
+    return {
+        "steps": steps,
+        "epochs": epochs,
+        "epoch_ends": ends,
+        "stages": [(a, b, sizes.get(s, s)) for a, b, s in stages],
+    }
+
+
+def smooth(values: list[float], beta: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (what fastai and TensorBoard draw)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
+
+
+PLOTS = ("loss.png", "accuracy.png", "lr.png", "throughput.png")
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """The run's pictures, in RUN_DIR/plots: loss (train raw and smoothed, val), val top-1/top-5,
+    LR and momentum, images/s; every one against the optimizer step with the stages shaded and
+    labelled by image size. Rewritten after every epoch, so they can be watched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.files import write_png
+
+    curves = run_curves(read_metrics(run_dir / "metrics.jsonl"))
+    steps, epochs, ends = curves["steps"], curves["epochs"], curves["epoch_ends"]
+    if not steps:
+        return []
+    x = list(range(len(steps)))
+    out = run_dir / "plots"
+
+    def figure(ylabel: str, title: str):
+        fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
+        for i, (first, last, size) in enumerate(curves["stages"]):
+            ax.axvspan(first, last, color="0.93" if i % 2 == 0 else "white", zorder=0)
+            ax.text((first + last) / 2, 1.01, f"{size}px", transform=ax.get_xaxis_transform(), ha="center", fontsize=9)
+        ax.set_xlabel("optimizer step (micro-batch)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, pad=16)
+        ax.grid(alpha=0.3)
+        return fig, ax
+
+    loss = [r["loss"] for r in steps]
+    fig, ax = figure("loss", "training and validation loss")
+    ax.plot(x, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (each step)")
+    ax.plot(x, smooth(loss), color="tab:blue", linewidth=1.6, label="train (smoothed)")
+    if epochs:
+        ax.plot(ends, [r["val_loss"] for r in epochs], "o-", color="tab:red", label="validation (each epoch)")
+    ax.legend(loc="upper right")
+    write_png(out / "loss.png", fig)
+
+    fig, ax = figure("accuracy (%)", "validation accuracy")
+    if epochs:
+        ax.plot(ends, [r["val_top1"] for r in epochs], "o-", color="tab:green", label="top-1")
+        ax.plot(ends, [r["val_top5"] for r in epochs], "s--", color="tab:olive", label="top-5")
+        if "val_ema_top1" in epochs[-1]:
+            ema = [(e, r["val_ema_top1"]) for e, r in zip(ends, epochs) if "val_ema_top1" in r]
+            ax.plot(*zip(*ema), "^:", color="tab:purple", label="top-1, EMA weights")
+        ax.set_ylim(0, 100)
+        ax.legend(loc="lower right")
+    write_png(out / "accuracy.png", fig)
+
+    fig, ax = figure("learning rate", "learning rate (highest group) and momentum")
+    ax.plot(x, [r["lr"] for r in steps], color="tab:orange", label="learning rate")
+    ax.set_yscale("log")
+    moms = [r.get("momentum") for r in steps]
+    if any(m is not None for m in moms):
+        ax2 = ax.twinx()
+        ax2.plot(x, [m if m is not None else float("nan") for m in moms], color="tab:gray", label="momentum")
+        ax2.set_ylabel("momentum (or Adam's beta1)")
+        ax2.legend(loc="lower right")
+    ax.legend(loc="upper right")
+    write_png(out / "lr.png", fig)
+
+    fig, ax = figure("images / s", "training throughput (the loader and the step)")
+    ax.plot(x, [r["images_per_s"] for r in steps], color="tab:cyan", linewidth=1.0)
+    ax.set_ylim(bottom=0)
+    write_png(out / "throughput.png", fig)
+    return [out / name for name in PLOTS]

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -30,7 +31,7 @@ from pipeline.errors import ConfigError, DataError, Stopped, UserError
 from pipeline.files import write_json, write_text
 from pipeline.lr_finder import RangeTest, find_lr, plot, write_csv
 from pipeline.model import FreezePlan, ParamGroups, apply_freeze, build_model, optimizer_param_groups, param_groups
-from pipeline.report import MetricsLog, epoch_bar, format_summary
+from pipeline.report import MetricsLog, epoch_bar, format_summary, plot_run
 from pipeline.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from pipeline.train.schedule import build_optimizer, build_scheduler, current_lr_momentum
 from pipeline.train.step import Precision, TrainStep, WeightEma, build_train_step, compile_model
@@ -47,6 +48,7 @@ class Progress:
     stage_seconds: float = 0.0  # training seconds spent in `stage` so far
     stage_images: int = 0
     seconds: float = 0.0  # wall seconds of finished stages
+    elapsed: float = 0.0  # wall seconds of the whole run so far (validation included; across resumes)
     step: int = 0  # batches of epoch `epoch` already trained: > 0 in a checkpoint taken mid-epoch
     partial: dict[str, float] = field(default_factory=dict)  # that epoch's loss sum, steps, images, seconds
 
@@ -402,7 +404,7 @@ class StageRunner:
 
     def run(self, progress: Progress, checkpoint: dict[str, Any] | None) -> None:
         cfg = self.cfg
-        run_start = time.perf_counter()
+        run_start = self._mark = time.perf_counter()
         if checkpoint is not None and checkpoint.get("state_dict_ema") is not None:
             self.ema = WeightEma(self.model, cfg.stages[progress.stage].train.ema or cfg.train.ema or EmaConfig())
             self.ema.load_state_dict(checkpoint["state_dict_ema"], checkpoint.get("ema_updates", 0))
@@ -416,6 +418,7 @@ class StageRunner:
             "final_val_top1": progress.stages[-1]["val_top1"] if progress.stages else 0.0,
             "best_val_top1": progress.best_val_top1,
             "seconds": round(progress.seconds, 2),
+            "wall_seconds": round(self.tick(progress), 2),
         }
         if self.world.is_main:
             write_json(self.run_dir / "summary.json", summary)
@@ -525,6 +528,7 @@ class StageRunner:
 
         def save_mid_epoch(batches_done: int, partial: dict[str, float]) -> None:
             progress.step, progress.partial = batches_done, partial
+            self.tick(progress)
             self.save([ckpt_dir / "last.pt"], state())
 
         for epoch in range(progress.epoch, stage.epochs):
@@ -559,8 +563,14 @@ class StageRunner:
                 **{f"val_{key}": v for key, v in val.items()},
                 **{f"val_ema_{key}": v for key, v in (val_ema or {}).items() if key != "samples"},
             }
+            record["elapsed_s"] = round(self.tick(progress), 2)
             self.metrics.write(record)
             self.metrics.flush()
+            if self.world.is_main:
+                try:
+                    plot_run(self.run_dir)  # refreshed every epoch, to be watched
+                except OSError as e:
+                    print(f"warning: plots not written ({e.strerror or e})", file=sys.stderr)
             print(
                 f"stage {k} epoch {epoch}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
                 f"top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%"
@@ -592,6 +602,13 @@ class StageRunner:
         val_loader.close()
         progress.stage, progress.epoch = k + 1, 0
         progress.stage_seconds, progress.stage_images = 0.0, 0
+
+    def tick(self, progress: Progress) -> float:
+        """Add the wall time since the last call to `progress.elapsed` (which checkpoints carry)."""
+        now = time.perf_counter()
+        progress.elapsed += now - self._mark
+        self._mark = now
+        return progress.elapsed
 
     def agree(self, due: bool) -> bool:
         """Whether to checkpoint now: `due` here, or a stop asked for, on any process. Every process
