@@ -258,3 +258,22 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert (ckpt["progress"]["epoch"], ckpt["progress"]["step"]) == (1, 2)  # taken before the bad step
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.timeout(120)
+def test_a_process_exits_even_with_a_loader_left_open(tiny_data, tmp_path):
+    """Workers ignore SIGTERM (the main process checkpoints first), so an unclosed loader must not
+    leave the interpreter waiting for them at exit."""
+    script = tmp_path / "leave_open.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+        "from conftest import make_loader\n"
+        "from pipeline.data.folder import scan_image_folder\n"
+        f"loader = make_loader(scan_image_folder({str(tiny_data / 'train')!r}, 'data.train'), workers=1)\n"
+        "batches = iter(loader)\n"
+        "next(batches)\n"
+        "print('leaving without close()')\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "leaving" in proc.stdout, proc.stderr[-2000:]

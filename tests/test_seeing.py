@@ -121,3 +121,22 @@ def test_split_from_a_flat_folder_and_csv(tmp_path):
     assert len(list((tmp_path / "out" / "val" / "b").iterdir())) == 2
     bad = split(str(flat), str(tmp_path / "x"), "--ratios", "0.7,0.7")
     assert bad.returncode == 2 and "sum to 1" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_compare_two_tiny_runs_reads_their_metrics(tiny_config, tmp_path, capsys):
+    a = run_training(parse_config(tiny_config), out_dir=tmp_path / "runs")
+    tiny_config["stages"][1]["img_size"] = 16  # a second run: every stage at one size
+    b = run_training(parse_config(tiny_config), out_dir=tmp_path / "runs")
+    capsys.readouterr()
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    text = capsys.readouterr().out
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    for run, row in zip((a, b), result["runs"]):
+        epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"epoch",' in line]
+        summary = json.loads((run / "summary.json").read_text())
+        assert row["final_top1"] == epochs[-1]["val_top1"] == summary["final_val_top1"]
+        assert row["best_top1"] == max(e["val_top1"] for e in epochs) == summary["best_val_top1"]
+        assert row["wall_seconds"] == epochs[-1]["elapsed_s"]
+        assert row["images_per_s"] == [s["train_images_per_s"] for s in summary["stages"]]
+        assert f"{row['final_top1']:.2f}%" in text and run.name[:34] in text
+    assert result["target_top1"] == min(r["final_top1"] for r in result["runs"])

@@ -6,8 +6,10 @@ device (nvJPEG on CUDA); the augmentation code is the same for CPU and CUDA tens
 
 from __future__ import annotations
 
+import atexit
 import io
 import math
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -344,6 +346,7 @@ class TV2Loader:
 
     def __init__(self, index: ImageFolderIndex, spec: LoaderSpec, cache: DecodedCache | None = None):
         self.index, self.spec, self.cache = index, spec, cache
+        _OPEN_LOADERS.add(self)
         self.sampler = EpochSampler(len(index), spec)
         self.batch_size = spec.batch_size
         on_cuda = spec.device.type == "cuda"
@@ -459,6 +462,17 @@ class TV2Loader:
         """Stop the workers and drop the loader (stages rebuild loaders; memory must not grow)."""
         shutdown_workers(self._loader)
         self._loader = None
+
+
+_OPEN_LOADERS: weakref.WeakSet[TV2Loader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    """At exit, stop the workers of loaders never closed (an error path): they ignore SIGTERM, so
+    multiprocessing's own clean-up, which terminates and then joins them, would wait for ever."""
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
 
 
 def shutdown_workers(loader: DataLoader | None) -> None:

@@ -441,165 +441,167 @@ class StageRunner:
         val_loader = build_loader(
             stage.data, self.datasets.val, train=False, batch_size=stage.batch_size // world.world_size, **loader_args
         )
-        if tc.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        plan = apply_freeze(self.model, tc, self.groups, f"stages.{k}")
-        plan.train_mode(self.model)
-        if tc.ema is not None:
-            if self.ema is None:
-                self.ema = WeightEma(self.model, tc.ema)
-            self.ema.configure(tc.ema)
+        try:
             if tc.channels_last:
-                self.ema.module.to(memory_format=torch.channels_last)
-        ema = self.ema if tc.ema is not None else None
-        find = tc.optimizer.lr == "find"
-        if not find and tc.optimizer.scale_lr != "none":  # the rule for the stage's global batch
-            ratio = stage.batch_size * tc.accum_steps / tc.optimizer.base_batch  # samples per optimizer step
-            tc = replace(
-                tc,
-                optimizer=replace(
-                    tc.optimizer,
-                    lr=tc.optimizer.lr * (ratio if tc.optimizer.scale_lr == "linear" else math.sqrt(ratio)),
-                ),
-            )
-        optimizer = build_optimizer(
-            optimizer_param_groups(self.model, tc, self.groups, f"stages.{k}"),
-            replace(tc.optimizer, lr=1.0) if find else tc.optimizer,
-        )
-        net = self.network(stage, plan)
-        train_net = net
-        if self.world.distributed:  # DDP, then torch.compile, as timm's train.py: the compiled backward
-            # then overlaps the gradient all-reduce (DDPOptimizer); evaluation calls `net`, with no DDP
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            train_net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-            if net is not self.model:
-                train_net = compile_model(train_net)
-        if find and resume_state is None:  # a resumed stage gets its LRs back from the optimizer state
-            result = stage_range_test(
-                self.model, train_net, optimizer, stage, train_loader, device, self.num_classes, stage_seed
-            )
-            if self.world.is_main:
-                save_range_test(result, self.run_dir / f"lr_find_stage{k}", f"stage {k}: {stage.img_size}px")
-            lr = distributed.from_main(recommended_lr(result, f"stages.{k}.lr"))  # every rank trains with rank 0's
-            for group in optimizer.param_groups:
-                group["lr"] *= lr  # the placeholder 1.0 kept each group's ratio
-            self.metrics.write({"kind": "lr_find", "stage": k, "epoch": 0, "lr": lr, **result.suggestions})
-            print(f"stage {k}: lr find suggests {lr:.3g} ({result.recommendation}); {result.stop_reason}")
-        per_epoch = TrainStep.steps_per_epoch(len(train_loader), tc.accum_steps)
-        scheduler = build_scheduler(optimizer, tc.schedule, per_epoch * stage.epochs, per_epoch)
-        step = build_train_step(train_net, optimizer, scheduler, tc, device, self.num_classes, ema=ema)
-        precision, scaler = step.precision, step.scaler
-        if resume_state is not None:
-            optimizer.load_state_dict(resume_state["optimizer"])
-            scheduler.load_state_dict(resume_state["scheduler"])
-            if scaler is not None and resume_state.get("scaler"):
-                scaler.load_state_dict(resume_state["scaler"])
-        print(
-            f"stage {k}: {stage.img_size}px, batch {train_loader.batch_size * world.world_size}"
-            + (f" ({train_loader.batch_size} per process)" if world.distributed else "")
-            + f", {stage.epochs} epochs x "
-            f"{len(train_loader)} steps; amp {precision.name}, compile {'on' if net is not self.model else 'off'}, "
-            f"mixup {'on' if step.mixup else 'off'}; loader {describe_loader(stage.data)}"
-            + (f"; frozen {', '.join(plan.frozen)}" if plan.frozen else "")
-            + (f"; {len(plan.fixed_norms)} BatchNorm layers fixed" if plan.fixed_norms else "")
-            + (f"; {tc.accum_steps} micro-batches per step" if tc.accum_steps > 1 else "")
-            + (f"; EMA {tc.ema.decay}" if tc.ema else "")
-        )
-
-        def state() -> dict[str, Any]:
-            return {
-                "state_dict": self.model.state_dict(),
-                "arch": cfg.model.arch,
-                "num_classes": self.num_classes,
-                "classes": self.datasets.classes,
-                "train_size": len(self.datasets.train),
-                "world_size": self.world.world_size,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "state_dict_ema": self.ema.state_dict() if self.ema is not None else None,
-                "ema_updates": self.ema.updates if self.ema is not None else 0,
-                "progress": asdict(progress),
-                "rng": rng_state(),
-                "config": cfg.raw,
-            }
-
-        ckpt_dir = self.run_dir / "checkpoints"
-
-        def save_mid_epoch(batches_done: int, partial: dict[str, float]) -> None:
-            progress.step, progress.partial = batches_done, partial
-            self.tick(progress)
-            self.save([ckpt_dir / "last.pt"], state())
-
-        for epoch in range(progress.epoch, stage.epochs):
-            start, rng = progress.step, None
-            if start == 0:
-                seed_everything(derive_seed(stage_seed, epoch))  # Mixup draws; resumed epochs repeat exactly
-            else:  # resumed mid-epoch: the RNGs as they were when the checkpoint was taken
-                rng = resume_state["rng"]
-            train_loader.set_epoch(epoch, start_batch=start)
+                self.model.to(memory_format=torch.channels_last)
+            plan = apply_freeze(self.model, tc, self.groups, f"stages.{k}")
             plan.train_mode(self.model)
-            step.start_epoch(len(train_loader), start)
-            seconds, images, train_loss = self.train_epoch(
-                k, epoch, stage, step, train_loader, optimizer, start, progress.partial, rng, save_mid_epoch
-            )
-            progress.step, progress.partial = 0, {}
-            distributed.same_buffers(self.model, self.ema.module if ema is not None else None)
-            val = evaluate(net, val_loader, precision, device)
-            val_ema = evaluate(ema.module, val_loader, precision, device) if ema is not None else None
-            progress.epoch = epoch + 1
-            progress.stage_seconds += seconds
-            progress.stage_images += images
-            improved = val["top1"] > progress.best_val_top1
-            progress.best_val_top1 = max(progress.best_val_top1, val["top1"])
-            record = {
-                "kind": "epoch",
-                "stage": k,
-                "epoch": epoch,
-                "img_size": stage.img_size,
-                "train_loss": train_loss,
-                "train_seconds": round(seconds, 3),
-                "train_images_per_s": round(images / seconds, 1),
-                **{f"val_{key}": v for key, v in val.items()},
-                **{f"val_ema_{key}": v for key, v in (val_ema or {}).items() if key != "samples"},
-            }
-            record["elapsed_s"] = round(self.tick(progress), 2)
-            self.metrics.write(record)
-            self.metrics.flush()
-            if self.world.is_main:
-                try:
-                    plot_run(self.run_dir)  # refreshed every epoch, to be watched
-                except OSError as e:
-                    print(f"warning: plots not written ({e.strerror or e})", file=sys.stderr)
-            print(
-                f"stage {k} epoch {epoch}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
-                f"top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%"
-                + (f", EMA top-1 {val_ema['top1']:.2f}%" if val_ema else "")
-                + f" ({seconds:.1f} s, {images / seconds:.0f} img/s)"
-            )
-            if progress.epoch == stage.epochs:  # the stage is done: record it before saving
-                progress.stages.append(
-                    {
-                        "img_size": stage.img_size,
-                        "batch_size": stage.batch_size,
-                        "epochs": stage.epochs,
-                        "seconds": round(progress.stage_seconds, 2),
-                        "train_images_per_s": round(progress.stage_images / progress.stage_seconds, 1),
-                        "val_top1": val["top1"],
-                        **({"val_ema_top1": val_ema["top1"]} if val_ema else {}),
-                    }
+            if tc.ema is not None:
+                if self.ema is None:
+                    self.ema = WeightEma(self.model, tc.ema)
+                self.ema.configure(tc.ema)
+                if tc.channels_last:
+                    self.ema.module.to(memory_format=torch.channels_last)
+            ema = self.ema if tc.ema is not None else None
+            find = tc.optimizer.lr == "find"
+            if not find and tc.optimizer.scale_lr != "none":  # the rule for the stage's global batch
+                ratio = stage.batch_size * tc.accum_steps / tc.optimizer.base_batch  # samples per optimizer step
+                tc = replace(
+                    tc,
+                    optimizer=replace(
+                        tc.optimizer,
+                        lr=tc.optimizer.lr * (ratio if tc.optimizer.scale_lr == "linear" else math.sqrt(ratio)),
+                    ),
                 )
-                progress.seconds += progress.stage_seconds
-            paths = [ckpt_dir / "best.pt"] if improved else []
-            if progress.epoch == stage.epochs:
-                paths.append(ckpt_dir / f"stage{k}.pt")
-            paths.append(ckpt_dir / "last.pt")  # last: a crash before it replays this epoch, rewriting all
-            self.save(paths, state())
-            finished = k == len(cfg.stages) - 1 and progress.epoch == stage.epochs
-            if self.agree(False) and not finished:  # a stop asked for; in the run's last epoch it just ends
-                raise self.stop.stopped(self.run_dir, f"stage {k}, after epoch {epoch}")
-        train_loader.close()
-        val_loader.close()
+            optimizer = build_optimizer(
+                optimizer_param_groups(self.model, tc, self.groups, f"stages.{k}"),
+                replace(tc.optimizer, lr=1.0) if find else tc.optimizer,
+            )
+            net = self.network(stage, plan)
+            train_net = net
+            if self.world.distributed:  # DDP, then torch.compile, as timm's train.py: the compiled backward
+                # then overlaps the gradient all-reduce (DDPOptimizer); evaluation calls `net`, with no DDP
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                train_net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+                if net is not self.model:
+                    train_net = compile_model(train_net)
+            if find and resume_state is None:  # a resumed stage gets its LRs back from the optimizer state
+                result = stage_range_test(
+                    self.model, train_net, optimizer, stage, train_loader, device, self.num_classes, stage_seed
+                )
+                if self.world.is_main:
+                    save_range_test(result, self.run_dir / f"lr_find_stage{k}", f"stage {k}: {stage.img_size}px")
+                lr = distributed.from_main(recommended_lr(result, f"stages.{k}.lr"))  # every rank trains with rank 0's
+                for group in optimizer.param_groups:
+                    group["lr"] *= lr  # the placeholder 1.0 kept each group's ratio
+                self.metrics.write({"kind": "lr_find", "stage": k, "epoch": 0, "lr": lr, **result.suggestions})
+                print(f"stage {k}: lr find suggests {lr:.3g} ({result.recommendation}); {result.stop_reason}")
+            per_epoch = TrainStep.steps_per_epoch(len(train_loader), tc.accum_steps)
+            scheduler = build_scheduler(optimizer, tc.schedule, per_epoch * stage.epochs, per_epoch)
+            step = build_train_step(train_net, optimizer, scheduler, tc, device, self.num_classes, ema=ema)
+            precision, scaler = step.precision, step.scaler
+            if resume_state is not None:
+                optimizer.load_state_dict(resume_state["optimizer"])
+                scheduler.load_state_dict(resume_state["scheduler"])
+                if scaler is not None and resume_state.get("scaler"):
+                    scaler.load_state_dict(resume_state["scaler"])
+            print(
+                f"stage {k}: {stage.img_size}px, batch {train_loader.batch_size * world.world_size}"
+                + (f" ({train_loader.batch_size} per process)" if world.distributed else "")
+                + f", {stage.epochs} epochs x "
+                f"{len(train_loader)} steps; amp {precision.name}, compile {'on' if net is not self.model else 'off'}, "
+                f"mixup {'on' if step.mixup else 'off'}; loader {describe_loader(stage.data)}"
+                + (f"; frozen {', '.join(plan.frozen)}" if plan.frozen else "")
+                + (f"; {len(plan.fixed_norms)} BatchNorm layers fixed" if plan.fixed_norms else "")
+                + (f"; {tc.accum_steps} micro-batches per step" if tc.accum_steps > 1 else "")
+                + (f"; EMA {tc.ema.decay}" if tc.ema else "")
+            )
+
+            def state() -> dict[str, Any]:
+                return {
+                    "state_dict": self.model.state_dict(),
+                    "arch": cfg.model.arch,
+                    "num_classes": self.num_classes,
+                    "classes": self.datasets.classes,
+                    "train_size": len(self.datasets.train),
+                    "world_size": self.world.world_size,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "state_dict_ema": self.ema.state_dict() if self.ema is not None else None,
+                    "ema_updates": self.ema.updates if self.ema is not None else 0,
+                    "progress": asdict(progress),
+                    "rng": rng_state(),
+                    "config": cfg.raw,
+                }
+
+            ckpt_dir = self.run_dir / "checkpoints"
+
+            def save_mid_epoch(batches_done: int, partial: dict[str, float]) -> None:
+                progress.step, progress.partial = batches_done, partial
+                self.tick(progress)
+                self.save([ckpt_dir / "last.pt"], state())
+
+            for epoch in range(progress.epoch, stage.epochs):
+                start, rng = progress.step, None
+                if start == 0:
+                    seed_everything(derive_seed(stage_seed, epoch))  # Mixup draws; resumed epochs repeat exactly
+                else:  # resumed mid-epoch: the RNGs as they were when the checkpoint was taken
+                    rng = resume_state["rng"]
+                train_loader.set_epoch(epoch, start_batch=start)
+                plan.train_mode(self.model)
+                step.start_epoch(len(train_loader), start)
+                seconds, images, train_loss = self.train_epoch(
+                    k, epoch, stage, step, train_loader, optimizer, start, progress.partial, rng, save_mid_epoch
+                )
+                progress.step, progress.partial = 0, {}
+                distributed.same_buffers(self.model, self.ema.module if ema is not None else None)
+                val = evaluate(net, val_loader, precision, device)
+                val_ema = evaluate(ema.module, val_loader, precision, device) if ema is not None else None
+                progress.epoch = epoch + 1
+                progress.stage_seconds += seconds
+                progress.stage_images += images
+                improved = val["top1"] > progress.best_val_top1
+                progress.best_val_top1 = max(progress.best_val_top1, val["top1"])
+                record = {
+                    "kind": "epoch",
+                    "stage": k,
+                    "epoch": epoch,
+                    "img_size": stage.img_size,
+                    "train_loss": train_loss,
+                    "train_seconds": round(seconds, 3),
+                    "train_images_per_s": round(images / seconds, 1),
+                    **{f"val_{key}": v for key, v in val.items()},
+                    **{f"val_ema_{key}": v for key, v in (val_ema or {}).items() if key != "samples"},
+                }
+                record["elapsed_s"] = round(self.tick(progress), 2)
+                self.metrics.write(record)
+                self.metrics.flush()
+                if self.world.is_main:
+                    try:
+                        plot_run(self.run_dir)  # refreshed every epoch, to be watched
+                    except OSError as e:
+                        print(f"warning: plots not written ({e.strerror or e})", file=sys.stderr)
+                print(
+                    f"stage {k} epoch {epoch}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
+                    f"top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%"
+                    + (f", EMA top-1 {val_ema['top1']:.2f}%" if val_ema else "")
+                    + f" ({seconds:.1f} s, {images / seconds:.0f} img/s)"
+                )
+                if progress.epoch == stage.epochs:  # the stage is done: record it before saving
+                    progress.stages.append(
+                        {
+                            "img_size": stage.img_size,
+                            "batch_size": stage.batch_size,
+                            "epochs": stage.epochs,
+                            "seconds": round(progress.stage_seconds, 2),
+                            "train_images_per_s": round(progress.stage_images / progress.stage_seconds, 1),
+                            "val_top1": val["top1"],
+                            **({"val_ema_top1": val_ema["top1"]} if val_ema else {}),
+                        }
+                    )
+                    progress.seconds += progress.stage_seconds
+                paths = [ckpt_dir / "best.pt"] if improved else []
+                if progress.epoch == stage.epochs:
+                    paths.append(ckpt_dir / f"stage{k}.pt")
+                paths.append(ckpt_dir / "last.pt")  # last: a crash before it replays this epoch, rewriting all
+                self.save(paths, state())
+                finished = k == len(cfg.stages) - 1 and progress.epoch == stage.epochs
+                if self.agree(False) and not finished:  # a stop asked for; in the run's last epoch it just ends
+                    raise self.stop.stopped(self.run_dir, f"stage {k}, after epoch {epoch}")
+        finally:  # also on a stop or an error: the workers end now, not at exit
+            train_loader.close()
+            val_loader.close()
         progress.stage, progress.epoch = k + 1, 0
         progress.stage_seconds, progress.stage_images = 0.0, 0
 
