@@ -151,7 +151,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         for i, (first, last, size) in enumerate(curves["stages"]):
             ax.axvspan(first, last, color="0.93" if i % 2 == 0 else "white", zorder=0)
             ax.text((first + last) / 2, 1.01, f"{size}px", transform=ax.get_xaxis_transform(), ha="center", fontsize=9)
-        ax.set_xlabel("optimizer step (micro-batch)")
+        ax.set_xlabel("training step (batches since the start of the run)")
         ax.set_ylabel(ylabel)
         ax.set_title(title, pad=16)
         ax.grid(alpha=0.3)
