@@ -7,6 +7,7 @@ decode, and the same file in train and val. Every file is decoded once, in paral
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import statistics
 from collections import Counter
@@ -55,7 +56,7 @@ def inspect(args: tuple[str, str]) -> FileReport:
     try:
         data = Path(path).read_bytes()
         report.digest = hashlib.sha1(data).hexdigest()
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:  # the bytes already read, not the file again
             report.mode, (report.width, report.height) = im.mode, im.size
             im.load()
     except Exception as e:  # noqa: BLE001 - any decoder failure is the file's problem, reported by name
@@ -86,7 +87,6 @@ def check_dataset(root: Path, workers: int | None = None) -> dict[str, Any]:
     """The report: per split, class counts, modes, sizes, bad files; duplicates within and across."""
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
-    workers = workers or max(1, (os.cpu_count() or 1))
     report: dict[str, Any] = {"root": str(root), "splits": {}}
     digests: dict[str, dict[str, str]] = {}
     with ProcessPoolExecutor(max_workers=workers) as pool:

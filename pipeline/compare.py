@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.files import write_json, write_png
+from pipeline.files import pyplot, write_json, write_png
 from pipeline.report import read_metrics
 
 
@@ -20,10 +20,13 @@ from pipeline.report import read_metrics
 class RunRecord:
     """What compare reads from one run folder."""
 
-    name: str
     path: Path
     epochs: list[dict[str, Any]]  # the metrics' epoch records, in order
     stages: list[dict[str, Any]]  # summary.json's stages (finished runs), else []
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
     @property
     def final_top1(self) -> float:
@@ -37,18 +40,9 @@ class RunRecord:
     def wall_seconds(self) -> float | None:
         return self.epochs[-1].get("elapsed_s")
 
-    def seconds_to(self, target: float) -> float | None:
-        """Wall seconds until the first epoch whose val top-1 reached `target` (None: never)."""
-        for r in self.epochs:
-            if r["val_top1"] >= target:
-                return r.get("elapsed_s")
-        return None
-
-    def epochs_to(self, target: float) -> int | None:
-        for i, r in enumerate(self.epochs):
-            if r["val_top1"] >= target:
-                return i + 1
-        return None
+    def reaching(self, target: float) -> int | None:
+        """Index of the first epoch whose val top-1 reached `target` (None: never)."""
+        return next((i for i, r in enumerate(self.epochs) if r["val_top1"] >= target), None)
 
 
 def load_run(path: Path) -> RunRecord:
@@ -60,7 +54,7 @@ def load_run(path: Path) -> RunRecord:
         raise UserError(f"{path}: no finished epoch to compare yet")
     summary = path / "summary.json"
     stages = json.loads(summary.read_text())["stages"] if summary.is_file() else []
-    return RunRecord(path.name, path, epochs, stages)
+    return RunRecord(path, epochs, stages)
 
 
 def compare(paths: list[Path], target: float | None = None) -> dict[str, Any]:
@@ -72,6 +66,7 @@ def compare(paths: list[Path], target: float | None = None) -> dict[str, Any]:
     target = min(r.final_top1 for r in runs) if target is None else target
     rows = []
     for r in runs:
+        first = r.reaching(target)
         rows.append(
             {
                 "run": str(r.path),
@@ -79,8 +74,8 @@ def compare(paths: list[Path], target: float | None = None) -> dict[str, Any]:
                 "best_top1": r.best_top1,
                 "epochs": len(r.epochs),
                 "wall_seconds": r.wall_seconds,
-                "seconds_to_target": r.seconds_to(target),
-                "epochs_to_target": r.epochs_to(target),
+                "seconds_to_target": None if first is None else r.epochs[first].get("elapsed_s"),
+                "epochs_to_target": None if first is None else first + 1,
                 "images_per_s": [s["train_images_per_s"] for s in r.stages],
                 "stage_sizes": [s["img_size"] for s in r.stages],
             }
@@ -106,15 +101,12 @@ def format_table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], out: Path) -> list[Path]:
     """Validation top-1 of every run against epochs and against wall-clock seconds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs: list[RunRecord] = result["_records"]
     written = []
     for name, xlabel in (("compare_epochs.png", "epoch"), ("compare_time.png", "wall-clock seconds")):
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+        fig, ax = plt.subplots(figsize=(8, 4.5))
         for r in runs:
             ys = [e["val_top1"] for e in r.epochs]
             xs = list(range(1, len(ys) + 1)) if name == "compare_epochs.png" else [e.get("elapsed_s") for e in r.epochs]

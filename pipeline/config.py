@@ -139,9 +139,6 @@ class OptimizerConfig:
     eps: float | None = checked(None, positive)
 
 
-SCHEDULES = ("onecycle", "cosine", "exponential", "multistep", "cyclic", "constant")
-
-
 @dataclass
 class ScheduleConfig:
     """The LR over one stage, stepped once per optimizer step; every group peaks at its own LR."""

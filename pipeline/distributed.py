@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from timm.utils import distribute_bn
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def current() -> World:
-    """The world of a running process group (a world of one without one)."""
-    if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return World()
-
-
 def sum_all(t: torch.Tensor) -> torch.Tensor:
     """The element-wise sum over every rank (in place); the tensor itself for a world of one."""
     if dist.is_available() and dist.is_initialized():
@@ -90,8 +84,7 @@ def same_buffers(*modules: torch.nn.Module | None) -> None:
         return
     for module in modules:
         if module is not None:
-            for buffer in module.buffers():
-                dist.broadcast(buffer, src=0)
+            distribute_bn(module, dist.get_world_size(), reduce=False)  # rank 0's running statistics
 
 
 def barrier() -> None:

@@ -19,7 +19,7 @@ from pipeline.config import DataConfig, parse_config
 from pipeline.data import build_loader, scan_image_folder
 from pipeline.data.demo import demo_root
 from pipeline.errors import UserError
-from pipeline.files import write_json, write_png
+from pipeline.files import pyplot, write_json, write_png
 from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.step import Precision, resolve_precision
 
@@ -88,11 +88,13 @@ def predict(
     probs, labels = [], []
     for x, y in loader:
         total = None
-        views = tta_views(x, tta, size)
+        views = [
+            v.contiguous(memory_format=torch.channels_last) for v in tta_views(x, tta, size)
+        ]  # once, not per model
         for model in models:
             for v in views:
                 with precision.autocast(device):
-                    p = model(v.contiguous(memory_format=torch.channels_last)).float().softmax(dim=1)
+                    p = model(v).float().softmax(dim=1)
                 total = p if total is None else total + p
         probs.append((total / (len(models) * len(views))).cpu())
         labels.append(y.cpu())
@@ -121,16 +123,13 @@ def metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> di
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> None:
     """Row-normalised confusion matrix (each true class sums to 1), counts written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     counts = torch.tensor(confusion, dtype=torch.float64)
     rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
     c = len(classes)
     side = min(16.0, max(4.5, 0.45 * c + 2))
-    fig, ax = plt.subplots(figsize=(side + 1, side), dpi=100)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
     im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
     if c <= 40:

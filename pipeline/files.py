@@ -46,6 +46,16 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def pyplot():
+    """matplotlib.pyplot on the non-interactive backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def write_png(path: str | Path, figure: Any, dpi: int = 100) -> None:
     """A matplotlib figure as a PNG, written atomically (and the figure closed)."""
     import io

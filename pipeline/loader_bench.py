@@ -323,12 +323,9 @@ def format_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Images/s per stage size: each backend at its best worker count; the step's rate across."""
-    import matplotlib
+    from pipeline.files import pyplot, write_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.files import write_png
+    plt = pyplot()
 
     sizes = sorted({r["img_size"] for r in rows})
     fig, ax = plt.subplots(figsize=(9, 4.5))

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.files import atomic_write, write_png
+from pipeline.files import atomic_write, pyplot, write_png
 from pipeline.train.checkpoint import rng_state, seed_everything, set_rng_state
+from pipeline.train.step import keep_modes
 
 DESCENT = 0.05  # a fall of the smoothed loss by 5% of its start counts as a real descent
 
@@ -170,18 +171,16 @@ def find_lr(
     model_state = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
     rng = rng_state()
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        if seed is not None:
-            seed_everything(seed)
-        if not model.training:  # a model in train mode keeps its own (frozen BatchNorm stays in eval)
-            model.train()
-        return range_test(step, optimizer, batches, **kwargs)
+        with keep_modes(model):
+            if seed is not None:
+                seed_everything(seed)
+            if not model.training:  # a model in train mode keeps its own (frozen BatchNorm stays in eval)
+                model.train()
+            return range_test(step, optimizer, batches, **kwargs)
     finally:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
-        for m, training in modes:
-            m.training = training
         set_rng_state(rng)
 
 
@@ -196,12 +195,9 @@ def write_csv(result: RangeTest, path: Path) -> None:
 
 def plot(result: RangeTest, path: Path, title: str) -> None:
     """Loss against LR on a log axis, raw and smoothed, with each suggestion marked."""
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed loss")
     markers = {"valley": ("C3", "o"), "steepest": ("C2", "^"), "minimum": ("C1", "s"), "edge": ("C4", "D")}

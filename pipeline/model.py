@@ -79,35 +79,27 @@ def param_groups(model: torch.nn.Module) -> ParamGroups:
     """stem / block1..N / head from timm's coarse group_matcher; the head is the group holding the
     classifier (with what timm puts beside it, e.g. ConvNeXt's head norm)."""
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-    head_params = {id(p) for p in classifier.parameters()} if isinstance(classifier, torch.nn.Module) else set()
-    names = [n for n, _ in model.named_parameters()]
-    by_id = dict(model.named_parameters())
-    if hasattr(model, "group_matcher"):
-        ordinal = group_parameters(model, model.group_matcher(coarse=True))  # {group index: [param names]}
+    head_ids = {id(p) for p in classifier.parameters()} if isinstance(classifier, torch.nn.Module) else set()
+    params = dict(model.named_parameters())
+    matcher = model.group_matcher(coarse=True) if hasattr(model, "group_matcher") else {}
+    if matcher:
+        ordinal = group_parameters(model, matcher)  # {group index: [param names]}
         groups = [ordinal[k] for k in sorted(ordinal)]
-    else:  # no matcher: body and head
-        groups = [[n for n in names if id(by_id[n]) not in head_params]]
-    head_idx = next((i for i, g in enumerate(groups) if any(id(by_id[n]) in head_params for n in g)), None)
-    if head_idx is not None:  # the classifier's group, and anything after it
-        head = [n for g in groups[head_idx:] for n in g]
-        groups = groups[:head_idx]
-    else:
-        head = []
-    stem_pattern = model.group_matcher(coarse=True).get("stem") if hasattr(model, "group_matcher") else None
-    labels: list[str] = []
-    for i, group in enumerate(groups):
-        if i == 0 and stem_pattern and all(re.match(stem_pattern, n) for n in group):
-            labels.append("stem")
-        else:
-            labels.append(f"block{len(labels) + (0 if labels[:1] == ['stem'] else 1)}")
-    of_param: dict[str, str] = {}
-    for label, group in zip(labels, groups):
-        for n in group:
-            of_param[n] = label
+    else:  # no matcher: body, then head
+        groups = [
+            [n for n in params if id(params[n]) not in head_ids],
+            [n for n in params if id(params[n]) in head_ids],
+        ]
+        groups = [g for g in groups if g]
+    head_idx = next((i for i, g in enumerate(groups) if any(id(params[n]) in head_ids for n in g)), len(groups))
+    body, head = groups[:head_idx], [n for g in groups[head_idx:] for n in g]  # the head: the classifier's group on
+    stem = matcher.get("stem")
+    has_stem = bool(body) and bool(stem) and all(re.match(stem, n) for n in body[0])
+    labels = ["stem"] * has_stem + [f"block{i}" for i in range(1, len(body) - has_stem + 1)]
+    of_param = {n: label for label, group in zip(labels, body) for n in group}
     if head:
         labels.append("head")
-        for n in head:
-            of_param[n] = "head"
+        of_param.update(dict.fromkeys(head, "head"))
     return ParamGroups(labels, of_param)
 
 

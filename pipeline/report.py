@@ -93,20 +93,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def run_curves(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-step and per-epoch series on one x axis: optimizer-step records numbered in run order."""
     steps = [r for r in records if r.get("kind") == "step"]
-    index = {(r["stage"], r["epoch"], r["step"]): i for i, r in enumerate(steps)}
     epochs = [r for r in records if r.get("kind") == "epoch"]
-    last: dict[tuple[int, int], int] = {}
-    for (stage, epoch, _), i in index.items():
-        last[(stage, epoch)] = max(i, last.get((stage, epoch), -1))
+    last = {(r["stage"], r["epoch"]): i for i, r in enumerate(steps)}  # steps are in run order: the last wins
     ends = []  # the step index each epoch ended at
     for r in epochs:
         end = last.get((r["stage"], r["epoch"]))
         ends.append(end + 1 if end is not None else (ends[-1] if ends else 0))
     stages = []  # (first step, last step, img_size) per stage
-    for r in steps:
+    for i, r in enumerate(steps):
         if not stages or stages[-1][2] != r["stage"]:
-            stages.append([index[(r["stage"], r["epoch"], r["step"])], 0, r["stage"]])
-        stages[-1][1] = index[(r["stage"], r["epoch"], r["step"])] + 1
+            stages.append([i, 0, r["stage"]])
+        stages[-1][1] = i + 1
     sizes = {r["stage"]: r["img_size"] for r in epochs}
     return {
         "steps": steps,
@@ -132,12 +129,9 @@ def plot_run(run_dir: Path) -> list[Path]:
     """The run's pictures, in RUN_DIR/plots: loss (train raw and smoothed, val), val top-1/top-5,
     LR and momentum, images/s; every one against the optimizer step with the stages shaded and
     labelled by image size. Rewritten after every epoch, so they can be watched."""
-    import matplotlib
+    from pipeline.files import pyplot, write_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.files import write_png
+    plt = pyplot()
 
     curves = run_curves(read_metrics(run_dir / "metrics.jsonl"))
     steps, epochs, ends = curves["steps"], curves["epochs"], curves["epoch_ends"]
@@ -147,7 +141,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     out = run_dir / "plots"
 
     def figure(ylabel: str, title: str):
-        fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
+        fig, ax = plt.subplots(figsize=(8, 4.2))
         for i, (first, last, size) in enumerate(curves["stages"]):
             ax.axvspan(first, last, color="0.93" if i % 2 == 0 else "white", zorder=0)
             ax.text((first + last) / 2, 1.01, f"{size}px", transform=ax.get_xaxis_transform(), ha="center", fontsize=9)

@@ -19,7 +19,10 @@ import shutil
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.data.folder import IMG_EXTENSIONS  # noqa: E402  the extensions the loaders read
+
 SPLITS = ("train", "val", "test")
 
 
@@ -40,7 +43,7 @@ def collect(src: Path, labels: Path | None) -> dict[str, list[Path]]:
     by_class: dict[str, list[Path]] = {}
     if labels is None:
         for d in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            files = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            files = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS and f.is_file())
             if files:
                 by_class[d.name] = files
         if not by_class:

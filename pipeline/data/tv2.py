@@ -413,7 +413,8 @@ class TV2Loader:
             except DataError as e:
                 reason = str(e).split(": ", 1)[-1]
             warn_skipped(path, reason)
-        good = [i for i in range(len(labels)) if i not in set(bad)]
+        bad_set = set(bad)
+        good = [i for i in range(len(labels)) if i not in bad_set]
         if not good:
             raise DataError(f"{self.index.samples[idxs[bad[0]]][0]}: a whole batch of undecodable images")
         if not self.spec.train:  # validation leaves them out: every image is counted once, as itself

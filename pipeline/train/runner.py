@@ -34,7 +34,7 @@ from pipeline.model import FreezePlan, ParamGroups, apply_freeze, build_model, o
 from pipeline.report import MetricsLog, epoch_bar, format_summary, plot_run
 from pipeline.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from pipeline.train.schedule import build_optimizer, build_scheduler, current_lr_momentum
-from pipeline.train.step import Precision, TrainStep, WeightEma, build_train_step, compile_model
+from pipeline.train.step import Precision, TrainStep, WeightEma, build_train_step, compile_model, keep_modes
 
 
 @dataclass
@@ -477,7 +477,7 @@ class StageRunner:
                     train_net = compile_model(train_net)
             if find and resume_state is None:  # a resumed stage gets its LRs back from the optimizer state
                 result = stage_range_test(
-                    self.model, train_net, optimizer, stage, train_loader, device, self.num_classes, stage_seed
+                    self.model, train_net, optimizer, stage, train_loader, device, self.num_classes, stage_seed, world
                 )
                 if self.world.is_main:
                     save_range_test(result, self.run_dir / f"lr_find_stage{k}", f"stage {k}: {stage.img_size}px")
@@ -539,7 +539,6 @@ class StageRunner:
                 else:  # resumed mid-epoch: the RNGs as they were when the checkpoint was taken
                     rng = resume_state["rng"]
                 train_loader.set_epoch(epoch, start_batch=start)
-                plan.train_mode(self.model)
                 step.start_epoch(len(train_loader), start)
                 seconds, images, train_loss = self.train_epoch(
                     k, epoch, stage, step, train_loader, optimizer, start, progress.partial, rng, save_mid_epoch
@@ -740,12 +739,12 @@ def stage_range_test(
     device: torch.device,
     num_classes: int,
     seed: int,
+    world: World = World(),
     **kwargs,
 ) -> RangeTest:
     """The LR range test with this stage's loader, AMP, Mixup and label smoothing; leaves no trace."""
     step = build_train_step(net, optimizer, None, stage.train, device, num_classes, accumulate=False)
     passes = iter(range(10**6))
-    world = distributed.current()
 
     def batches():
         loader.set_epoch(10**6 + next(passes))  # passes of their own, apart from the run's epochs
@@ -812,27 +811,25 @@ def run_lr_find(cfg: Config, stage_index: int, out_dir: Path | None = None, **kw
 def evaluate(net: torch.nn.Module, loader: Loader, precision: Precision, device: torch.device) -> dict[str, float]:
     """Loss, top-1 and top-5 (percent) over every validation sample exactly once; leaves every
     module in the train/eval mode it found (frozen BatchNorm layers stay in eval)."""
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct1 = torch.zeros((), device=device, dtype=torch.long)
-    correct5 = torch.zeros((), device=device, dtype=torch.long)
-    count = 0
-    for x, y in loader:
-        n = y.shape[0]
-        if n < loader.batch_size:  # pad the last batch: a new shape would mean a new compiled graph
-            pad = x.new_zeros((loader.batch_size - n, *x.shape[1:])).contiguous(memory_format=torch.channels_last)
-            x = torch.cat([x, pad])
-        with precision.autocast(device):
-            logits = net(x)[:n].float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top.eq(y[:, None])
-        correct1 += hits[:, 0].sum()
-        correct5 += hits.any(dim=1).sum()
-        count += n
-    for m, training in modes:
-        m.training = training
+    with keep_modes(net):
+        net.eval()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct1 = torch.zeros((), device=device, dtype=torch.long)
+        correct5 = torch.zeros((), device=device, dtype=torch.long)
+        count = 0
+        for x, y in loader:
+            n = y.shape[0]
+            if n < loader.batch_size:  # pad the last batch: a new shape would mean a new compiled graph
+                pad = x.new_zeros((loader.batch_size - n, *x.shape[1:])).contiguous(memory_format=torch.channels_last)
+                x = torch.cat([x, pad])
+            with precision.autocast(device):
+                logits = net(x)[:n].float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top.eq(y[:, None])
+            correct1 += hits[:, 0].sum()
+            correct5 += hits.any(dim=1).sum()
+            count += n
     # under torchrun each process saw its own shard: the sums over every process
     totals = torch.stack([loss_sum, correct1.double(), correct5.double(), torch.tensor(float(count), device=device)])
     loss_sum, correct1, correct5, count = distributed.sum_all(totals).tolist()

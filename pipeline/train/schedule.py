@@ -52,8 +52,6 @@ def build_scheduler(
             base_momentum=cfg.base_momentum,
             max_momentum=cfg.max_momentum,
         )
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]  # LambdaLR scales from here
     return LambdaLR(optimizer, LRFactor(cfg, total, steps_per_epoch or total))
 
 

@@ -20,6 +20,17 @@ from pipeline.config import EmaConfig, MixupConfig, TrainConfig
 COMPILE_BACKEND = "inductor"  # tests swap in a counting backend
 
 
+@contextlib.contextmanager
+def keep_modes(module: torch.nn.Module):
+    """Put every submodule's train/eval mode back on exit (frozen BatchNorm layers stay in eval)."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (timing); a no-op on CPU."""
     if device.type == "cuda":
@@ -132,18 +143,16 @@ class TrainStep:
             SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         )
         self.optimizer_steps = 0
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]  # what clipping sees
         self.start_epoch(None)
 
     def start_epoch(self, batches: int | None, start: int = 0) -> None:
         """An epoch of `batches` micro-batches begins (at batch `start` when resumed mid-epoch, which
         is always the start of an accumulation window)."""
         self._batch, self._batches = start, batches
-        self.stepped = False  # whether the last call ended with an optimizer step
-
-    @property
-    def at_boundary(self) -> bool:
-        """No accumulated gradient is pending: a checkpoint taken now loses nothing."""
-        return self.stepped
+        # the last call ended with an optimizer step: no accumulated gradient is pending, so a
+        # checkpoint taken now loses nothing
+        self.at_boundary = False
 
     @staticmethod
     def steps_per_epoch(batches: int, accum_steps: int) -> int:
@@ -155,14 +164,14 @@ class TrainStep:
         window_start = i - i % accum
         remaining = self._batches - window_start if self._batches is not None else accum
         window = max(1, min(accum, remaining))  # the epoch's last window may be shorter
-        self.stepped = i - window_start == window - 1  # the window completes with this batch
+        self.at_boundary = i - window_start == window - 1  # the window completes with this batch
         if self.mixup is not None:
             images, labels = self.mixup(images, labels)
         if i % accum == 0:
             self.optimizer.zero_grad(set_to_none=True)
         # DDP: gradients are averaged across processes once per window, at its last micro-batch
         no_sync = getattr(self.model, "no_sync", None)
-        with no_sync() if no_sync is not None and not self.stepped else contextlib.nullcontext():
+        with no_sync() if no_sync is not None and not self.at_boundary else contextlib.nullcontext():
             with self.precision.autocast(self.device):
                 loss = self.criterion(self.model(images), labels)
             scaled = loss / window if window > 1 else loss
@@ -170,7 +179,7 @@ class TrainStep:
                 self.scaler.scale(scaled).backward()
             else:
                 scaled.backward()
-        if self.stepped:
+        if self.at_boundary:
             self._optimizer_step()
         return loss.detach()
 
@@ -178,8 +187,7 @@ class TrainStep:
         if self.clip_grad is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            dispatch_clip_grad(params, self.clip_grad, mode=self.clip_mode)
+            dispatch_clip_grad(self._params, self.clip_grad, mode=self.clip_mode)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
