@@ -6,7 +6,7 @@ of new generated images (5 shapes, the stripe texture left to chance), small as 
 Every variant runs the stages of `examples/finetune.yaml` (sizes, batches, epochs, optimizer,
 schedule, layer decay, EMA); only `model.pretrained` and the per-stage `freeze` differ.
 
-    python benchmarks/finetune_compare.py [--train N] [--val N] [--seeds 0,1] [--pretrained CKPT]
+    python benchmarks/finetune_compare.py [--train N] [--val N] [--seeds 0,1] [--pretrained CKPT] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from pipeline.config import load_config, parse_config  # noqa: E402
+from pipeline.config import apply_override, load_config, parse_config  # noqa: E402
 from pipeline.data.demo import demo_cache_dir, make_demo_dataset  # noqa: E402
-from pipeline.train.runner import run_training  # noqa: E402
+from pipeline.train.run import run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--pretrained", type=Path, default=None, help="weights to start from (default: train them)")
     parser.add_argument("--out", type=Path, default=Path("runs/finetune-compare"))
+    parser.add_argument("--example", type=Path, default=ROOT / "examples" / "finetune.yaml", help="the stages run")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of it"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -62,7 +66,9 @@ def main() -> None:
         pretrained = run_dir / "checkpoints" / "last.pt"
         print(f"pretrained weights: {pretrained} ({time.perf_counter() - start:.0f} s)")
     data = finetune_data(args.train, args.val)
-    example = yaml.safe_load((ROOT / "examples" / "finetune.yaml").read_text())
+    example = yaml.safe_load(args.example.read_text())
+    for item in args.overrides:
+        apply_override(example, item)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name, (use_weights, freezes) in VARIANTS.items():

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.compare import compare  # noqa: E402
 from pipeline.config import load_config, parse_config  # noqa: E402
-from pipeline.train.runner import run_training  # noqa: E402
+from pipeline.train.run import run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import statistics
 import sys
@@ -24,10 +25,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
-from pipeline.train.runner import StageRunner, resolve_device, train_batch_size  # noqa: E402
-from pipeline.train.schedule import build_optimizer, build_scheduler  # noqa: E402
-from pipeline.train.step import build_train_step, resolve_precision, synchronize  # noqa: E402
+from pipeline.distributed import World, resolve_device  # noqa: E402
+from pipeline.model import build_model, param_groups  # noqa: E402
+from pipeline.report import MetricsLog  # noqa: E402
+from pipeline.train.loop import LoopSettings, train_epoch  # noqa: E402
+from pipeline.train.plan import plan_run, train_batch_size  # noqa: E402
+from pipeline.train.signals import StopSignals  # noqa: E402
+from pipeline.train.stage import RunContext, build_stage, use_compile  # noqa: E402
+from pipeline.train.step import resolve_precision, synchronize  # noqa: E402
 
 
 class InMemoryLoader:
@@ -65,10 +70,17 @@ def main() -> None:
     device = resolve_device(cfg.run.device)
     num_classes = 10
     rows = []
-    out = Path(tempfile.mkdtemp(prefix="bench-"))
-    (out / "checkpoints").mkdir()
-    datasets = type("D", (), {"classes": [str(i) for i in range(num_classes)]})()
-    runner = StageRunner(cfg, out, device, datasets, None, num_classes)
+    # a training set that gives every stage's schedule room for the warm-up and the timed batches
+    plan = plan_run(cfg.stages, max(train_batch_size(s) for s in cfg.stages) * (args.batches + 2))
+    loop = LoopSettings(
+        run_dir=Path(tempfile.mkdtemp(prefix="bench-")),
+        device=device,
+        world=World(),
+        metrics=MetricsLog(None),
+        stop=StopSignals(),
+        log_every=cfg.run.log_every,
+        checkpoint_every=math.inf,
+    )
     cpu = platform.processor() or platform.machine()
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}")
     for k, stage in enumerate(cfg.stages):
@@ -88,23 +100,21 @@ def main() -> None:
 
         def run_pipeline() -> float:
             model = copy.deepcopy(base)
-            runner.model = model
-            runner._compiled = None
-            net = runner.network(stage)
-            optimizer = build_optimizer(model, tc.optimizer)
-            scheduler = build_scheduler(optimizer, tc.schedule, total_steps=args.batches + 2)
-            step = build_train_step(net, optimizer, scheduler, tc, device, num_classes)
-            for x, y in batches[:2]:  # warm-up (and compilation, when on)
-                step(x, y)
-            synchronize(device)
-            start = time.perf_counter()
-            runner.train_epoch(k, 0, stage, step, InMemoryLoader(batches), optimizer)
-            synchronize(device)
+            ctx = RunContext(cfg, device, model, param_groups(model), num_classes)
+            with build_stage(ctx, k, plan) as parts:
+                for x, y in batches[:2]:  # warm-up (and compilation, when on)
+                    parts.train_step(x, y)
+                synchronize(device)
+                start = time.perf_counter()
+                train_epoch(
+                    loop, parts.train_step, InMemoryLoader(batches), parts.optimizer, stage=k, epoch=0, label="pipeline"
+                )
+                synchronize(device)
             return time.perf_counter() - start
 
         def run_minimal() -> float:
             model = copy.deepcopy(base)
-            net = torch.compile(model) if runner.network(stage) is not runner.model else model
+            net = torch.compile(model) if use_compile(stage, device) else model
             optimizer = torch.optim.SGD(
                 model.parameters(),
                 lr=tc.optimizer.lr / 25,
@@ -142,7 +152,6 @@ def main() -> None:
             f"(overhead {row['overhead_percent']:+.1f}%; best-of ratio {row['best_of_ratio']:.3f}; "
             f"ratios {', '.join(f'{r:.3f}' for r in ratios)})"
         )
-    runner.metrics.close()
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

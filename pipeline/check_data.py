@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.data.folder import IMG_EXTENSIONS, header_problem
+from pipeline.data.folder import header_problem, is_image_file
 from pipeline.errors import DataError
 
 ODD_MODES = {
@@ -70,16 +70,19 @@ def splits_of(root: Path) -> dict[str, Path]:
     return named or {root.name or "data": root}
 
 
-def list_files(root: Path) -> list[tuple[str, str]]:
+def list_files(root: Path) -> list[tuple[str, str, bool]]:
+    """(path, class, is an image the loaders read) for each file not hidden; ("", class, False) marks
+    a class with no images."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")
     files = []
     for name in classes:
-        found = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))  # as the scan
-        files.extend((str(p), name) for p in found)
-        if not any(p.suffix.lower() in IMG_EXTENSIONS for p in found):
-            files.append(("", name))  # marks an empty class
+        found = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        listed = [(str(p), name, is_image_file(p)) for p in found]  # the scan's own test: both see the same images
+        files.extend(listed)
+        if not any(image for _, _, image in listed):
+            files.append(("", name, False))  # marks an empty class
     return files
 
 
@@ -92,9 +95,9 @@ def check_dataset(root: Path, workers: int | None = None) -> dict[str, Any]:
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for split, folder in splits_of(root).items():
             listed = list_files(folder)
-            empty = sorted({label for path, label in listed if not path})
-            images = [(p, label) for p, label in listed if p and Path(p).suffix.lower() in IMG_EXTENSIONS]
-            ignored = [p for p, _ in listed if p and Path(p).suffix.lower() not in IMG_EXTENSIONS]
+            empty = sorted({label for path, label, _ in listed if not path})
+            images = [(p, label) for p, label, image in listed if image]
+            ignored = [p for p, _, image in listed if p and not image]
             files = list(pool.map(inspect, images, chunksize=64))
             good = [f for f in files if not f.problem]
             counts = Counter(f.label for f in files)
@@ -110,7 +113,7 @@ def check_dataset(root: Path, workers: int | None = None) -> dict[str, Any]:
             report["splits"][split] = {
                 "folder": str(folder),
                 "images": len(files),
-                "classes": {label: counts.get(label, 0) for label in sorted({lb for _, lb in listed})},
+                "classes": {label: counts.get(label, 0) for label in sorted({lb for _, lb, _ in listed})},
                 "empty_classes": empty,
                 "modes": dict(Counter(f.mode for f in good).most_common()),
                 "odd_modes": {

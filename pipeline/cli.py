@@ -109,7 +109,8 @@ def add_set(parser: argparse.ArgumentParser) -> None:
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.train.runner import recommended_lr, run_lr_find
+    from pipeline.lr_finder import run_lr_find
+    from pipeline.train.range_test import recommended_lr
 
     if not 0 < args.start < args.end <= 1e4:
         raise UserError(f"--start {args.start:g} / --end {args.end:g}: need 0 < start < end <= 1e4")
@@ -145,11 +146,17 @@ def write_applied(raw: dict, file: Path, tool: str) -> Path:
     target = file.with_name(f"{file.stem}.{tool}.yaml")
     if target.resolve() == file.resolve():
         target = file.with_name(f"{file.stem}.{tool}-2.yaml")
-    try:
-        write_text(target, yaml.safe_dump(raw, sort_keys=False))
-    except OSError as e:
-        raise UserError(f"--apply: cannot write {target} ({e.strerror or e})") from None
+    write_or_fail(f"--apply: cannot write {target}", lambda: write_text(target, yaml.safe_dump(raw, sort_keys=False)))
     return target
+
+
+def write_or_fail(what: str, write) -> None:
+    """`write()` a file the user asked for; a failure is one line: `what` (naming the option and the
+    file) and the reason."""
+    try:
+        write()
+    except OSError as e:
+        raise UserError(f"{what} ({e.strerror or e})") from None
 
 
 def int_list(text: str, option: str, least: int) -> list[int]:
@@ -163,15 +170,12 @@ def int_list(text: str, option: str, least: int) -> list[int]:
 
 
 def cmd_bench_loader(args: argparse.Namespace) -> int:
-    import dataclasses
-
     import yaml
 
     from pipeline import loader_bench as lb
-    from pipeline.config import StageSpec, cache_side, load_config
-    from pipeline.data.demo import demo_root
     from pipeline.files import write_json
-    from pipeline.train.runner import new_run_dir, prepare
+    from pipeline.train.preflight import prepare
+    from pipeline.train.rundir import new_run_dir
 
     backends = lb.check_backends([b.strip() for b in args.backends.split(",") if b.strip()])
     workers = int_list(args.workers, "--workers", 0)
@@ -181,18 +185,8 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
         raise UserError("--apply writes settings for the file's own stages and data: drop --sizes and --data")
     if args.json is not None and not args.json.parent.is_dir():
         raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
-    overrides = list(args.overrides)
-    if args.data is not None:
-        root = demo_root(*lb.SYNTHETIC) if args.data == "synthetic" else Path(args.data)
-        train, val = (root / "train", root / "val") if args.data == "synthetic" else (root, root)
-        overrides += [f"data.train={train}", f"data.val={val}"]
-    cfg = load_config(args.file, overrides)
-    if args.sizes:
-        sizes = int_list(args.sizes, "--sizes", 8)
-        last = cfg.stages[-1]
-        side = max(int(last.data.cache_size), cache_side(max(sizes), last.data))  # fits the largest
-        data = dataclasses.replace(last.data, cache_size=side)
-        cfg.stages = [StageSpec(size, last.batch_size, 1, last.train, data) for size in sizes]
+    sizes = int_list(args.sizes, "--sizes", 8) if args.sizes else None
+    cfg = lb.bench_config(args.file, args.overrides, args.data, sizes)
     device, datasets, num_classes = prepare(cfg)
     out_dir = new_run_dir(Path(args.out or cfg.run.out_dir), f"{cfg.run.name}-bench-loader")
     print(f"{len(datasets.train)} training images in {datasets.train.root}; device {device}")
@@ -206,10 +200,7 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
         print(f"{v.img_size:>4}px: {v.text}; recommended: {v.backend}{cache}, workers {v.workers}")
     write_json(out_dir / "bench_loader.json", rows)
     if args.json:
-        try:
-            write_json(args.json, rows)
-        except OSError as e:
-            raise UserError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
+        write_or_fail(f"--json {args.json}: cannot write", lambda: write_json(args.json, rows))
     lb.plot(rows, out_dir / "bench_loader.png")
     print(f"wrote {out_dir / 'bench_loader.json'} and {out_dir / 'bench_loader.png'}")
     if args.apply:
@@ -268,21 +259,18 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     report = check_dataset(args.path, args.workers)
     print(format_report(report))
     if args.json:
-        try:
-            write_json(args.json, report)
-        except OSError as e:
-            raise UserError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
+        write_or_fail(f"--json {args.json}: cannot write", lambda: write_json(args.json, report))
     return 1 if problems(report) else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.train.runner import run_training
+    from pipeline.train.run import run_training
 
     if args.resume == Path("auto"):
         if args.file is None:
             raise UserError("--resume auto: give the stages file too (its run.name and out_dir find the run)")
-        from pipeline.train.runner import newest_run
+        from pipeline.train.rundir import newest_run
 
         cfg = load_config(args.file, args.overrides)
         args.resume = newest_run(Path(args.out or cfg.run.out_dir), cfg.run.name)

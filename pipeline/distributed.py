@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from timm.utils import distribute_bn
 
+from pipeline.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -37,6 +39,22 @@ def from_environment() -> World:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return World()
     return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(name: str, world: World = World()) -> torch.device:
+    """`auto`: CUDA if present; under torchrun each process takes the GPU of its local rank."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device: cuda was asked for but no CUDA device is available (use auto or cpu)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world.distributed:
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"torchrun: local rank {world.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                "use --nproc_per_node at most the number of GPUs"
+            )
+        return torch.device("cuda", world.local_rank)
+    return torch.device(name)
 
 
 def init(world: World, cuda: bool) -> None:

@@ -18,9 +18,11 @@ import torch
 from pipeline.config import DataConfig, parse_config
 from pipeline.data import build_loader, scan_image_folder
 from pipeline.data.demo import demo_root
+from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
 from pipeline.files import pyplot, write_json, write_png
-from pipeline.train.checkpoint import load_checkpoint
+from pipeline.train.checkpoint import Checkpoint
+from pipeline.train.loop import topk_hits
 from pipeline.train.step import Precision, resolve_precision
 
 TTA_MODES = ("none", "flip", "flip+crops")
@@ -50,19 +52,13 @@ def resolve_checkpoint(target: Path, use_ema: bool = False) -> Path:
 
 
 def load_member(path: Path, device: torch.device, use_ema: bool) -> Member:
-    state = load_checkpoint(path)  # weights_only
-    missing = [k for k in ("state_dict", "arch", "num_classes", "classes", "config") if k not in state]
-    if missing:
-        raise UserError(f"{path}: not a checkpoint of this pipeline (no {', '.join(missing)})")
-    weights = state["state_dict"]
-    if use_ema:
-        if state.get("state_dict_ema") is None:
-            raise UserError(f"{path}: --ema asked for, but this run kept no EMA weights (train.ema was off)")
-        weights = state["state_dict_ema"]
-    model = timm.create_model(state["arch"], pretrained=False, num_classes=state["num_classes"])
-    model.load_state_dict(weights)
+    checkpoint = Checkpoint.read(path)  # weights_only
+    if use_ema and checkpoint.state_dict_ema is None:
+        raise UserError(f"{path}: --ema asked for, but this run kept no EMA weights (train.ema was off)")
+    model = timm.create_model(checkpoint.arch, pretrained=False, num_classes=checkpoint.num_classes)
+    model.load_state_dict(checkpoint.weights(use_ema))
     model.to(device).eval()
-    return Member(path, model, list(state["classes"]), state["config"])
+    return Member(path, model, list(checkpoint.classes), checkpoint.config)
 
 
 def tta_views(images: torch.Tensor, mode: str, size: int) -> list[torch.Tensor]:
@@ -104,8 +100,7 @@ def predict(
 def metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
     """Top-1/top-5 (percent), per-class accuracy and the confusion matrix (rows: true class)."""
     n, c = probs.shape
-    top = probs.topk(min(5, c), dim=1).indices
-    hits = top.eq(labels[:, None])
+    top, hits = topk_hits(probs, labels)
     confusion = torch.zeros(c, c, dtype=torch.long)
     confusion.index_put_((labels, top[:, 0]), torch.ones(n, dtype=torch.long), accumulate=True)
     per_class = {}
@@ -170,8 +165,6 @@ def run_eval(
     device_name: str = "auto",
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate `target` (and the `ensemble` checkpoints with it); returns the result and its folder."""
-    from pipeline.train.runner import resolve_device
-
     if tta not in TTA_MODES:
         raise UserError(f"--tta {tta}: expected one of {', '.join(TTA_MODES)}")
     if img_size is not None and img_size < 8:

@@ -26,6 +26,7 @@ from pipeline.data.folder import ImageFolderIndex
 from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.tv2 import shutdown_workers
 from pipeline.errors import ConfigError
+from pipeline.train.plan import train_batch_size
 from pipeline.train.step import synchronize
 
 BACKENDS = ("tv2", "cache", "dali", "classic")  # cache: tv2 with data.cache: decoded
@@ -159,36 +160,32 @@ def make_loader(
     )
 
 
-def measure_step(cfg: Config, stage: StageSpec, device: torch.device, num_classes: int, batches: int) -> float:
-    """Images/s of the stage's train step (its model, AMP, compile, Mixup) on batches in memory."""
-    from pipeline.model import build_model
-    from pipeline.train.runner import train_batch_size, use_compile
-    from pipeline.train.schedule import build_optimizer
-    from pipeline.train.step import build_train_step, compile_model
+def measure_step(cfg: Config, k: int, device: torch.device, num_classes: int, batches: int) -> float:
+    """Images/s of stage `k`'s train step (its model, freezing, AMP, compile, Mixup, EMA), built as a
+    run builds it, on batches already in memory."""
+    from pipeline.model import build_model, param_groups
+    from pipeline.train.stage import RunContext, build_stage
 
-    tc = stage.train
+    stage = cfg.stages[k]
     torch.manual_seed(cfg.run.seed)
     model = build_model(dataclasses.replace(cfg.model, pretrained=None), num_classes).to(device)
-    if tc.channels_last:
-        model.to(memory_format=torch.channels_last)
-    net = compile_model(model) if use_compile(stage, device) else model
-    optimizer = build_optimizer(
-        model, dataclasses.replace(tc.optimizer, lr=0.01 if tc.optimizer.lr == "find" else tc.optimizer.lr)
-    )
-    step = build_train_step(net, optimizer, None, tc, device, num_classes)
+    ctx = RunContext(cfg, device, model, param_groups(model), num_classes)
+    # `lr: find`: time a usable LR, not the range test's placeholder 1.0 (which may diverge)
+    with build_stage(ctx, k, choose_lr=lambda parts: 0.01) as parts:
+        train_step = parts.train_step
     bs = train_batch_size(stage)
     g = torch.Generator().manual_seed(0)
     data = []
     for _ in range(min(batches, 8)):  # a few distinct batches, cycled
         x = torch.randn(bs, 3, stage.img_size, stage.img_size, generator=g).to(device)
-        x = x.contiguous(memory_format=torch.channels_last) if tc.channels_last else x
+        x = x.contiguous(memory_format=torch.channels_last) if stage.train.channels_last else x
         data.append((x, torch.randint(0, num_classes, (bs,), generator=g).to(device)))
     for x, y in data[:2]:  # warm-up (and compilation, when on)
-        step(x, y)
+        train_step(x, y)
     synchronize(device)
     start = time.perf_counter()
     for i in range(batches):
-        step(*data[i % len(data)])
+        train_step(*data[i % len(data)])
     synchronize(device)
     return bs * batches / (time.perf_counter() - start)
 
@@ -208,7 +205,7 @@ def run_bench(
     With `repeats`, the settings of a stage are measured in turn that many times (so a slow moment
     of the machine spreads over all of them) and each row holds the medians."""
     rows: list[dict] = []
-    for stage in cfg.stages:
+    for k, stage in enumerate(cfg.stages):
         key = {"img_size": stage.img_size, "batch_size": stage.batch_size}
         settings = [
             (backend, w)
@@ -250,7 +247,7 @@ def run_bench(
                 f"CPU {row['cpu_percent']:.0f}%"
             )
         step = statistics.median(
-            measure_step(cfg, stage, device, num_classes, batches=max(8, batches // 2)) for _ in range(repeats)
+            measure_step(cfg, k, device, num_classes, batches=max(8, batches // 2)) for _ in range(repeats)
         )
         rows.append({**key, "backend": "step", "images_per_s": round(step, 1)})
         log(f"{stage.img_size:>4}px batch {stage.batch_size:<4} model step: {step:9.1f} img/s")
@@ -388,3 +385,23 @@ def check_backends(names: list[str]) -> list[str]:
         if name == "dali":
             require_backend("dali")
     return names
+
+
+def bench_config(file: Path, overrides: list[str], data: str | None, sizes: list[int] | None) -> Config:
+    """FILE's configuration as `bench-loader` measures it: `data` an ImageFolder (or `synthetic`)
+    in place of data.train; `sizes` one stage per size, each with the last stage's batch and keys."""
+    from pipeline.config import cache_side, load_config
+    from pipeline.data.demo import demo_root
+
+    overrides = list(overrides)
+    if data is not None:
+        root = demo_root(*SYNTHETIC) if data == "synthetic" else Path(data)
+        train, val = (root / "train", root / "val") if data == "synthetic" else (root, root)
+        overrides += [f"data.train={train}", f"data.val={val}"]
+    cfg = load_config(file, overrides)
+    if sizes:
+        last = cfg.stages[-1]
+        side = max(int(last.data.cache_size), cache_side(max(sizes), last.data))  # fits the largest
+        stage_data = dataclasses.replace(last.data, cache_size=side)
+        cfg.stages = [StageSpec(size, last.batch_size, 1, last.train, stage_data) for size in sizes]
+    return cfg

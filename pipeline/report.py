@@ -36,23 +36,23 @@ class MetricsLog:
             self._file.close()
 
     @staticmethod
-    def keep_before(path: Path, stage: int, epoch: int, step: int = 0) -> None:
-        """On resume: drop the records of what will be trained again, from batch `step` of epoch
+    def keep_before(path: Path, stage: int, epoch: int, batch: int = 0) -> None:
+        """On resume: drop the records of what will be trained again, from batch `batch` of epoch
         `epoch` of stage `stage` on (that epoch's own record included)."""
         if not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines() if _before(line, stage, epoch, step)]
+        kept = [line for line in path.read_text().splitlines() if _before(line, stage, epoch, batch)]
         write_text(path, "".join(line + "\n" for line in kept))
 
 
-def _before(line: str, stage: int, epoch: int, step: int) -> bool:
+def _before(line: str, stage: int, epoch: int, batch: int) -> bool:
     try:
         record = json.loads(line)
     except json.JSONDecodeError:  # a line torn by the crash being resumed from
         return False
     where = (record["stage"], record["epoch"])
     if record.get("kind") == "step" and where == (stage, epoch):
-        return record["step"] < step
+        return record["step"] < batch  # a step record's `step` is its batch index in the epoch
     if record.get("kind") == "lr_find":  # not run again on resume
         return record["stage"] <= stage
     return where < (stage, epoch)
@@ -113,13 +113,24 @@ def run_curves(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+class SmoothedLoss:
+    """Exponential moving average with bias correction (what fastai and TensorBoard draw): the
+    first points are not pulled towards 0."""
+
+    def __init__(self, beta: float = 0.9):
+        self.beta, self.average, self.count = beta, 0.0, 0
+
+    def add(self, value: float) -> float:
+        """Take one value; the smoothed value so far."""
+        self.count += 1
+        self.average = self.beta * self.average + (1 - self.beta) * value
+        return self.average / (1 - self.beta**self.count)
+
+
 def smooth(values: list[float], beta: float = 0.9) -> list[float]:
-    """Exponential moving average with bias correction (what fastai and TensorBoard draw)."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta ** (i + 1)))
-    return out
+    """The smoothed curve of `values` (SmoothedLoss at every point)."""
+    average = SmoothedLoss(beta)
+    return [average.add(v) for v in values]
 
 
 PLOTS = ("loss.png", "accuracy.png", "lr.png", "throughput.png")

@@ -88,17 +88,15 @@ class Killed(Exception):
     """Stands for a crash: raised right after a checkpoint was written."""
 
 
-def die_after_saves(monkeypatch, n: int) -> None:
-    """Make the run 'crash' right after its n-th checkpoint write (undo with monkeypatch.undo())."""
-    import pipeline.train.runner as runner_mod
+def die_after_saves(n: int):
+    """Hooks for `run_training` that make the run 'crash' right after its n-th checkpoint write."""
+    from pipeline.train.run import RunHooks
 
-    real = runner_mod.save_checkpoint
     calls = []
 
-    def save_then_die(paths, state):
-        real(paths, state)
-        calls.append(1)
+    def die(paths):
+        calls.append(paths)
         if len(calls) == n:
             raise Killed
 
-    monkeypatch.setattr(runner_mod, "save_checkpoint", save_then_die)
+    return RunHooks(after_save=die)

@@ -12,7 +12,7 @@ import torch
 from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.evaluate import metrics, predict, tta_views
-from pipeline.train.runner import run_training
+from pipeline.train.run import run_training
 from pipeline.train.step import Precision
 
 CPU = torch.device("cpu")

@@ -10,13 +10,12 @@ import timm
 import torch
 from timm.models import group_parameters
 
-import pipeline.train.runner as runner_mod
 from pipeline.cli import main
 from pipeline.config import EmaConfig, OptimizerConfig, ScheduleConfig, TrainConfig, parse_config
 from pipeline.errors import ConfigError
 from pipeline.model import apply_freeze, build_model, optimizer_param_groups, param_groups
 from pipeline.train.checkpoint import load_checkpoint
-from pipeline.train.runner import run_training
+from pipeline.train.run import RunHooks, run_training
 from pipeline.train.schedule import build_optimizer, build_scheduler
 from pipeline.train.step import Precision, TrainStep, WeightEma
 
@@ -273,18 +272,16 @@ def finetune_config(tiny_config: dict) -> dict:
     return cfg
 
 
-def test_progressive_unfreezing_through_the_stages(tiny_config, tmp_path, monkeypatch):
+def test_progressive_unfreezing_through_the_stages(tiny_config, tmp_path):
     cfg = finetune_config(tiny_config)
     seen = []
-    real = runner_mod.build_train_step
 
-    def spy(net, optimizer, *args, **kwargs):
+    def spy(parts):  # once per stage, before its first step
+        net = parts.train_net
         trainable = {n for n, p in net.named_parameters() if p.requires_grad}
         seen.append((trainable, copy.deepcopy(net.state_dict())))
-        return real(net, optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(runner_mod, "build_train_step", spy)
-    run_dir = run_training(parse_config(cfg), out_dir=tmp_path / "runs")
+    run_dir = run_training(parse_config(cfg), out_dir=tmp_path / "runs", hooks=RunHooks(stage_built=spy))
     groups = param_groups(timm.create_model("test_resnet", num_classes=10))
     assert seen[0][0] == set(groups.params_of("head"))
     assert seen[1][0] == set(groups.params_of("head")) | set(groups.params_of("block4"))
@@ -316,16 +313,12 @@ def mid_stage_config(tiny_config: dict) -> dict:
     "make_config,epoch_at_kill,ema_updates",
     [(finetune_config, 1, 5 + 3 + 5), (mid_stage_config, 1, 5 + 2 * 3)],  # at a stage end; mid-stage
 )
-def test_killed_and_resumed_matches_a_run_never_stopped(
-    tiny_config, tmp_path, monkeypatch, make_config, epoch_at_kill, ema_updates
-):
+def test_killed_and_resumed_matches_a_run_never_stopped(tiny_config, tmp_path, make_config, epoch_at_kill, ema_updates):
     """Killed after its second checkpoint, resumed: the same weights, EMA and scheduler state."""
     cfg = make_config(tiny_config)
     reference = run_training(parse_config(cfg), out_dir=tmp_path / "a")
-    die_after_saves(monkeypatch, 2)
     with pytest.raises(Killed):
-        run_training(parse_config(cfg), out_dir=tmp_path / "b")
-    monkeypatch.undo()
+        run_training(parse_config(cfg), out_dir=tmp_path / "b", hooks=die_after_saves(2))
     (run_dir,) = (tmp_path / "b").iterdir()
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["epoch"] == epoch_at_kill
     run_training(parse_config(cfg), resume=run_dir)
@@ -339,7 +332,7 @@ def test_killed_and_resumed_matches_a_run_never_stopped(
 
 
 def test_lr_range_test_sweeps_the_base_lr_of_scaled_groups():
-    from pipeline.lr_finder import range_test
+    from pipeline.train.range_test import range_test
 
     model = timm.create_model("test_resnet", num_classes=5)
     groups = param_groups(model)

@@ -20,11 +20,11 @@ import yaml
 
 import pipeline.train.checkpoint as checkpoint_mod
 from pipeline.cli import main
-from pipeline.config import parse_config
+from pipeline.config import load_config, parse_config
 from pipeline.files import atomic_write
 from pipeline.report import MetricsLog
 from pipeline.train.checkpoint import load_checkpoint
-from pipeline.train.runner import run_training
+from pipeline.train.run import run_training
 
 from conftest import Killed, die_after_saves
 
@@ -60,13 +60,11 @@ def every_step_config(tiny_config) -> dict:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("saves", [3, 7])  # mid-epoch in stage 0's first and second epoch
-def test_resume_mid_epoch_is_bit_exact(every_step_config, tmp_path, monkeypatch, backend, saves):
+def test_resume_mid_epoch_is_bit_exact(every_step_config, tmp_path, backend, saves):
     every_step_config["data"]["backend"] = backend
     reference = run_training(parse_config(every_step_config), out_dir=tmp_path / "a")
-    die_after_saves(monkeypatch, saves)
     with pytest.raises(Killed):
-        run_training(parse_config(every_step_config), out_dir=tmp_path / "b")
-    monkeypatch.undo()
+        run_training(parse_config(every_step_config), out_dir=tmp_path / "b", hooks=die_after_saves(saves))
     (run_dir,) = (tmp_path / "b").iterdir()
     progress = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
     assert progress["step"] > 0  # the checkpoint was taken mid-epoch
@@ -203,15 +201,13 @@ def test_a_full_disk_stops_the_run_with_the_last_checkpoint_intact(tiny_config, 
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
 
 
-def test_resume_auto_continues_the_newest_run_or_starts_one(tiny_config, write_yaml, monkeypatch, capsys):
+def test_resume_auto_continues_the_newest_run_or_starts_one(tiny_config, write_yaml, capsys):
     path = write_yaml(tiny_config)
     out = path.parent / "runs"
     assert main(["run", str(path), "--out", str(out), "--resume", "auto"]) == 0  # none yet: a new run
     assert "starting a new one" in capsys.readouterr().out
-    die_after_saves(monkeypatch, 1)
     with pytest.raises(Killed):
-        main(["run", str(path), "--out", str(out)])
-    monkeypatch.undo()
+        run_training(load_config(path), out_dir=out, hooks=die_after_saves(1))
     newest = max(out.iterdir(), key=lambda d: d.stat().st_mtime)
     assert main(["run", str(path), "--out", str(out), "--resume", "auto"]) == 0
     assert f"--resume auto: {newest}" in capsys.readouterr().out
@@ -230,7 +226,7 @@ def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
         {"kind": "step", "stage": 1, "epoch": 1, "step": 2},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "st')  # a torn last line
-    MetricsLog.keep_before(path, stage=1, epoch=1, step=2)
+    MetricsLog.keep_before(path, stage=1, epoch=1, batch=2)
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert kept == records[:5]
 

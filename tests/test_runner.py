@@ -14,12 +14,11 @@ import timm
 import torch
 from torch._dynamo.testing import CompileCounter
 
-import pipeline.train.runner as runner_mod
 import pipeline.train.step as step_mod
 from pipeline.cli import main
-from pipeline.config import parse_config
+from pipeline.config import load_config, parse_config
 from pipeline.train.checkpoint import load_checkpoint
-from pipeline.train.runner import run_training
+from pipeline.train.run import RunHooks, run_training
 
 from conftest import Killed, die_after_saves
 
@@ -35,8 +34,8 @@ def records(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def train(cfg: dict, tmp_path: Path, resume: Path | None = None) -> Path:
-    return run_training(parse_config(cfg), out_dir=tmp_path / "runs", resume=resume)
+def train(cfg: dict, tmp_path: Path, resume: Path | None = None, hooks: RunHooks | None = None) -> Path:
+    return run_training(parse_config(cfg), out_dir=tmp_path / "runs", resume=resume, hooks=hooks)
 
 
 def test_run_writes_the_run_folder(tiny_config, tmp_path):
@@ -92,16 +91,13 @@ def test_scheduler_runs_exactly_its_steps_for_any_batch_size(tiny_config, tmp_pa
     assert moms[0] == pytest.approx(0.95) and min(moms) == pytest.approx(0.85, abs=0.01)
 
 
-def test_weights_are_carried_across_stages(tiny_config, tmp_path, monkeypatch):
+def test_weights_are_carried_across_stages(tiny_config, tmp_path):
     starts = []
-    real = runner_mod.build_train_step
 
-    def spy(net, *args, **kwargs):  # once per stage, before its first step
-        starts.append({k: v.clone() for k, v in net.state_dict().items()})
-        return real(net, *args, **kwargs)
+    def spy(parts):  # once per stage, before its first step
+        starts.append({k: v.clone() for k, v in parts.train_net.state_dict().items()})
 
-    monkeypatch.setattr(runner_mod, "build_train_step", spy)
-    run_dir = train(tiny_config, tmp_path)
+    run_dir = train(tiny_config, tmp_path, hooks=RunHooks(stage_built=spy))
     assert len(starts) == 2
     end_of_stage0 = load_checkpoint(run_dir / "checkpoints" / "stage0.pt")["state_dict"]
     for k, v in end_of_stage0.items():
@@ -111,28 +107,20 @@ def test_weights_are_carried_across_stages(tiny_config, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("saves_before_kill", [1, 2])  # mid-stage (stage 0, epoch 1) and at a stage boundary
-def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch, saves_before_kill, backend):
+def test_resume_continues_where_it_stopped(tiny_config, tmp_path, saves_before_kill, backend):
     tiny_config["data"]["backend"] = backend
     reference = train(tiny_config, tmp_path / "a")
     final = load_checkpoint(reference / "checkpoints" / "last.pt")["state_dict"]
 
-    die_after_saves(monkeypatch, saves_before_kill)
     with pytest.raises(Killed):
-        train(tiny_config, tmp_path / "b")
-    monkeypatch.undo()
+        train(tiny_config, tmp_path / "b", hooks=die_after_saves(saves_before_kill))
     (run_dir,) = (tmp_path / "b" / "runs").iterdir()
     stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
     assert (stopped["stage"], stopped["epoch"]) == ((0, 1) if saves_before_kill == 1 else (0, 2))
 
     started = []
-    real_epoch = runner_mod.StageRunner.train_epoch
-
-    def spy(self, k, epoch, *args):
-        started.append((k, epoch))
-        return real_epoch(self, k, epoch, *args)
-
-    monkeypatch.setattr(runner_mod.StageRunner, "train_epoch", spy)
-    assert main(["run", "--resume", str(run_dir)]) == 0
+    hooks = RunHooks(epoch_start=lambda k, epoch: started.append((k, epoch)))
+    run_training(load_config(run_dir / "config.yaml"), resume=run_dir, hooks=hooks)  # as `run --resume` does
     assert started[0] == ((0, 1) if saves_before_kill == 1 else (1, 0))
     resumed = load_checkpoint(run_dir / "checkpoints" / "last.pt")["state_dict"]
     for k, v in final.items():
@@ -159,16 +147,9 @@ def test_resume_refuses_changes_to_what_was_trained(tiny_config, tmp_path, capsy
     assert len(summary["stages"]) == 3 and (run_dir / "checkpoints" / "stage2.pt").is_file()
 
 
-def test_last_checkpoint_is_written_after_best_and_stage(tiny_config, tmp_path, monkeypatch):
+def test_last_checkpoint_is_written_after_best_and_stage(tiny_config, tmp_path):
     calls = []
-    real = runner_mod.save_checkpoint
-
-    def spy(paths, state):
-        calls.append([p.name for p in paths])
-        real(paths, state)
-
-    monkeypatch.setattr(runner_mod, "save_checkpoint", spy)
-    train(tiny_config, tmp_path)
+    train(tiny_config, tmp_path, hooks=RunHooks(after_save=lambda paths: calls.append([p.name for p in paths])))
     assert len(calls) == 3 and all(names[-1] == "last.pt" for names in calls)
     assert "stage0.pt" in calls[1] and "stage1.pt" in calls[2]
 

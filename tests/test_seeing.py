@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import parse_config
-from pipeline.train.runner import run_training
+from pipeline.train.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

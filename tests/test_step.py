@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import MixupConfig, OptimizerConfig, ScheduleConfig, StageSpec, TrainConfig
-from pipeline.train.runner import train_batch_size
+from pipeline.train.plan import train_batch_size
 from pipeline.train.schedule import build_optimizer, build_scheduler
 from pipeline.train.step import Precision, TrainStep, build_mixup
 

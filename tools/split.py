@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.folder import IMG_EXTENSIONS  # noqa: E402  the extensions the loaders read
+from pipeline.data.folder import is_image_file  # noqa: E402  the files the loaders read as images
 
 SPLITS = ("train", "val", "test")
 
@@ -43,7 +43,7 @@ def collect(src: Path, labels: Path | None) -> dict[str, list[Path]]:
     by_class: dict[str, list[Path]] = {}
     if labels is None:
         for d in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            files = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS and f.is_file())
+            files = sorted(f for f in d.rglob("*") if is_image_file(f))
             if files:
                 by_class[d.name] = files
         if not by_class:

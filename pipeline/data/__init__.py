@@ -1,6 +1,6 @@
-"""Data: dataset scan, the loader factories behind one contract, and the `demo` dataset.
+"""Data: dataset scan, the loader factory behind one contract, and the `demo` dataset.
 
-The runner calls `build_train_loader` / `build_val_loader` and never branches on the backend.
+The runner calls `build_loader` (and `describe_loader`) and never branches on the backend.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pipeline.data.spec import Loader, LoaderSpec
 from pipeline.data.tv2 import TV2Loader
 from pipeline.errors import ConfigError, DataError
 
-__all__ = ["Datasets", "Loader", "LoaderSpec", "build_loader", "require_backend", "scan_datasets"]
+__all__ = ["Datasets", "Loader", "LoaderSpec", "build_loader", "describe_loader", "require_backend", "scan_datasets"]
 
 DALI_INSTALL = "pip install -e '.[dali]' (CUDA 13 driver; nvidia-dali-cuda120 for CUDA 12)"
 
@@ -54,6 +54,13 @@ def resolve_workers(workers: int | str) -> int:
     if workers == "auto":
         return max(1, min(8, (os.cpu_count() or 2) - 1))
     return int(workers)
+
+
+def describe_loader(data: DataConfig) -> str:
+    """How a stage's loader is set up, for the stage line: backend, cache, workers or DALI threads."""
+    cache = " + decoded cache" if data.cache else ""
+    unit = "threads" if data.backend == "dali" else "workers"
+    return f"{data.backend}{cache}, {resolve_workers(data.workers)} {unit}"
 
 
 def build_loader(

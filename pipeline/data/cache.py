@@ -14,8 +14,8 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from pipeline.data.demo import demo_cache_dir
 from pipeline.data.folder import ImageFolderIndex, jpeg_region, read_image, warn_skipped
 from pipeline.data.spec import ignore_stop_signals
 from pipeline.errors import DataError
-from pipeline.files import write_json
+from pipeline.files import atomic_path, write_json
 
 CACHE_VERSION = 1
 
@@ -83,7 +83,7 @@ def open_cache(index: ImageFolderIndex, side: int, workers: int, field: str, on_
                 for stale in root.glob(f"{stem}-*.npy"):  # this folder and side, for files since changed
                     if not stale.name.startswith(path.stem):
                         stale.unlink(missing_ok=True)
-                for tmp in root.glob("*.npy.tmp"):  # left by a build that was killed a day or more ago
+                for tmp in root.glob(".*.npy.*.tmp"):  # left by a build killed a day or more ago (atomic_path's names)
                     if time.time() - tmp.stat().st_mtime > 86400:
                         tmp.unlink(missing_ok=True)
     sidecar = bad_list(path)
@@ -119,22 +119,21 @@ def smaller_cache(cache: DecodedCache, side: int) -> DecodedCache:
     return DecodedCache(path=path, side=side, size=cache.size, bad=cache.bad)
 
 
-def write_array(path: Path, shape: tuple[int, ...], fill, before_rename=None) -> None:
-    """A uint8 .npy file of `shape`, filled by `fill(array)` in a temp file beside it, then renamed
-    (after `before_rename()`, which writes what must exist whenever the file does)."""
-    fd, tmp = tempfile.mkstemp(suffix=".npy.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+def write_array(
+    path: Path,
+    shape: tuple[int, ...],
+    fill: Callable[[np.ndarray], None],
+    before_rename: Callable[[], None] | None = None,
+) -> None:
+    """A uint8 .npy file of `shape`, filled by `fill(array)` in a temp file beside it, then fsynced and
+    renamed (after `before_rename()`, which writes what must exist whenever the file does)."""
+    with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         fill(out)
         out.flush()
         del out
         if before_rename is not None:
             before_rename()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_cache(

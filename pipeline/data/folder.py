@@ -40,7 +40,8 @@ class ImageFolderIndex:
 
 
 def is_image_file(p: Path) -> bool:
-    """An image by its extension; hidden files (macOS `._name.jpg` resource forks) are not."""
+    """An image by its extension; hidden files (macOS `._name.jpg` resource forks) are not.
+    The one test of what the loaders read: check-data and tools/split.py use it too."""
     return p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".") and p.is_file()
 
 

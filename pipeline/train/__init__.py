@@ -1,4 +1,4 @@
-"""Training: the stage runner (`runner.run_training`), the step, the optimizer and schedule, checkpoints.
+"""Training: the run plan, stage building, the epoch loop, the step, schedules, checkpoints, checks.
 
-The runner is the only place that knows there are stages.
+`run.run_training` is the entry point; `run` is the only module that walks through stages.
 """

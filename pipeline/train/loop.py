@@ -1,0 +1,207 @@
+"""The epoch loop and evaluation: batches through the train step, metrics flushed every `log_every`
+batches (one sync each), mid-epoch checkpoints at optimizer-update boundaries; exact top-1/top-5.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import distributed
+from pipeline.data import Loader
+from pipeline.distributed import World
+from pipeline.errors import UserError
+from pipeline.report import MetricsLog, epoch_bar
+from pipeline.train.checkpoint import set_rng_state
+from pipeline.train.schedule import current_lr_momentum
+from pipeline.train.signals import StopSignals
+from pipeline.train.step import Precision, TrainStep, keep_modes
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs to know of the run around it."""
+
+    run_dir: Path
+    device: torch.device
+    world: World
+    metrics: MetricsLog
+    stop: StopSignals
+    log_every: int  # batches between metric flushes
+    checkpoint_every: float  # seconds between mid-epoch checkpoints
+
+
+@dataclass
+class EpochResult:
+    seconds: float  # training seconds of the epoch (across a resume)
+    images: int  # over every process
+    loss: float  # mean training loss of its batches
+
+
+# Called at an update boundary with (batches done, the epoch's partial sums) to checkpoint mid-epoch.
+SaveMidEpoch = Callable[[int, dict[str, float]], None]
+
+
+class MetricsWindow:
+    """The losses of the batches since the last flush, kept on the device: a flush reduces them over
+    the processes once, checks they are finite, writes one record per batch and moves the bar."""
+
+    def __init__(self, loop: LoopSettings, stage: int, epoch: int, train_step: TrainStep, bar, partial: dict):
+        self.loop, self.stage, self.epoch, self.train_step, self.bar = loop, stage, epoch, train_step, bar
+        self.pending: list[tuple[int, torch.Tensor, float, float | None]] = []
+        self.loss_sum, self.batches = partial.get("loss_sum", 0.0), int(partial.get("steps", 0))
+        self.started = time.perf_counter()
+
+    def add(self, batch_idx: int, loss: torch.Tensor, lr: float, momentum: float | None) -> None:
+        self.pending.append((batch_idx, loss, lr, momentum))
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def flush(self, batch_images: int, postfix: dict[str, str]) -> None:
+        """`batch_images`: images in one global batch (for the rate)."""
+        world = self.loop.world
+        # the global batch's loss: the mean over the processes (one collective per flush)
+        stacked = distributed.sum_all(torch.stack([p[1] for p in self.pending]).float())
+        losses = (stacked / world.world_size).tolist()
+        now = time.perf_counter()
+        rate = len(self.pending) * batch_images / (now - self.started)
+        self.started = now
+        for (batch_idx, _, lr, momentum), loss in zip(self.pending, losses):
+            if not math.isfinite(loss) and self.train_step.scaler is None:
+                k = self.stage
+                raise UserError(
+                    f"stage {k} epoch {self.epoch} step {batch_idx}: the loss is {loss}; training diverged. Lower "
+                    f"the LR (stages.{k}.lr or train.optimizer.lr) and start a new run; the last good "
+                    f"weights are in {self.loop.run_dir / 'checkpoints' / 'last.pt'}"
+                )
+            # `step` is the batch's index in its epoch (the key's meaning since the first version)
+            self.loop.metrics.write(
+                {
+                    "kind": "step",
+                    "stage": self.stage,
+                    "epoch": self.epoch,
+                    "step": batch_idx,
+                    "lr": lr,
+                    "momentum": momentum,
+                    "loss": loss,
+                    "images_per_s": round(rate, 1),
+                }
+            )
+        self.loss_sum += sum(losses)
+        self.batches += len(losses)
+        self.bar.update(len(self.pending))
+        lr = self.pending[-1][2]
+        shown = {"loss": f"{losses[-1]:.3f}", "lr": f"{lr:.3g}", "img/s": f"{rate:.0f}", **postfix}
+        if self.loop.device.type == "cuda":
+            shown["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
+        self.bar.set_postfix(shown)
+        self.pending = []
+
+
+def train_epoch(
+    loop: LoopSettings,
+    train_step: TrainStep,
+    loader: Loader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    stage: int,
+    epoch: int,
+    label: str,
+    start: int = 0,
+    partial: dict[str, float] | None = None,
+    rng: dict[str, Any] | None = None,
+    save_mid_epoch: SaveMidEpoch | None = None,
+    run_status: Callable[[int], str] | None = None,
+) -> EpochResult:
+    """One pass over `loader` (from batch `start` when resumed mid-epoch, with the RNGs `rng` put
+    back). Every `checkpoint_every` seconds, and when a stop is asked for, `save_mid_epoch` checkpoints
+    at an update boundary. `run_status(batches_done)`: the run's progress, shown on the bar."""
+    world = loop.world
+    n = len(loader)
+    bar = epoch_bar(n, label, world.is_main)
+    bar.update(start)
+    partial = partial or {}
+    images, before = int(partial.get("images", 0)), partial.get("seconds", 0.0)
+    window = MetricsWindow(loop, stage, epoch, train_step, bar, partial)
+    t0 = last_save = time.perf_counter()
+    due = False  # a checkpoint at the next update boundary (every process agrees on it)
+    batches = iter(loader)  # creating the iterator may draw from torch's RNG:
+    if rng is not None:  # a resumed epoch puts the RNGs back after it
+        set_rng_state(rng)
+    try:
+        for batch_idx, (x, y) in enumerate(batches, start=start):
+            lr, momentum = current_lr_momentum(optimizer)
+            window.add(batch_idx, train_step(x, y), lr, momentum)
+            images += x.shape[0] * world.world_size
+            last = batch_idx == n - 1
+            if not world.distributed and save_mid_epoch is not None:  # one process: at any batch
+                due = due or time.perf_counter() - last_save >= loop.checkpoint_every or loop.stop.requested is not None
+            checkpoint = due and train_step.at_boundary and not last  # the epoch's end saves anyway
+            if len(window) == loop.log_every or last or checkpoint:
+                status = {"run": run_status(batch_idx + 1)} if run_status is not None else {}
+                window.flush(x.shape[0] * world.world_size, status)
+                if world.distributed and not due and save_mid_epoch is not None and not last:
+                    # under torchrun the processes decide together, at flushes (one collective)
+                    due = loop.stop.agree(time.perf_counter() - last_save >= loop.checkpoint_every, loop.device)
+                    checkpoint = due and train_step.at_boundary
+            if checkpoint:
+                loop.metrics.flush()
+                seconds = before + time.perf_counter() - t0
+                sums = {"loss_sum": window.loss_sum, "steps": window.batches, "images": images, "seconds": seconds}
+                save_mid_epoch(batch_idx + 1, sums)
+                last_save, due = time.perf_counter(), False
+                if loop.stop.agree(False, loop.device):  # a stop asked for, on any process: all stop here
+                    where = f"stage {stage}, epoch {epoch}, batch {batch_idx + 1} of {n}"
+                    raise loop.stop.stopped(loop.run_dir, where)
+    finally:
+        bar.close()  # clears the bar, so an error message starts on a line of its own
+    return EpochResult(before + time.perf_counter() - t0, images, window.loss_sum / max(window.batches, 1))
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's top-k classes (best first) and whether each of them is its label: top-1 is
+    `hits[:, 0]`, top-k `hits.any(dim=1)`."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return top, top.eq(labels[:, None])
+
+
+@torch.no_grad()
+def evaluate(net: torch.nn.Module, loader: Loader, precision: Precision, device: torch.device) -> dict[str, float]:
+    """Loss, top-1 and top-5 (percent) over every validation sample exactly once; leaves every
+    module in the train/eval mode it found (frozen BatchNorm layers stay in eval)."""
+    with keep_modes(net):
+        net.eval()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct1 = torch.zeros((), device=device, dtype=torch.long)
+        correct5 = torch.zeros((), device=device, dtype=torch.long)
+        count = 0
+        for x, y in loader:
+            n = y.shape[0]
+            if n < loader.batch_size:  # pad the last batch: a new shape would mean a new compiled graph
+                pad = x.new_zeros((loader.batch_size - n, *x.shape[1:])).contiguous(memory_format=torch.channels_last)
+                x = torch.cat([x, pad])
+            with precision.autocast(device):
+                logits = net(x)[:n].float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            _, hits = topk_hits(logits, y)
+            correct1 += hits[:, 0].sum()
+            correct5 += hits.any(dim=1).sum()
+            count += n
+    # under torchrun each process saw its own shard: the sums over every process
+    totals = torch.stack([loss_sum, correct1.double(), correct5.double(), torch.tensor(float(count), device=device)])
+    loss_sum, correct1, correct5, count = distributed.sum_all(totals).tolist()
+    count = max(int(count), 1)
+    return {
+        "loss": round(loss_sum / count, 5),
+        "top1": round(100.0 * correct1 / count, 3),
+        "top5": round(100.0 * correct5 / count, 3),
+        "samples": count,
+    }

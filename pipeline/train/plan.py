@@ -1,0 +1,124 @@
+"""The run plan: for every epoch its stage, image sizes, batch and optimizer updates, known before training.
+
+The schedule, the run's progress and ETA, resume checks and run folders all read one `RunPlan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline.config import StageSpec
+from pipeline.train.step import TrainStep
+
+
+def train_batch_size(stage: StageSpec, world_size: int = 1) -> int:
+    """Each process's share of the stage's (global) batch. Mixup/CutMix pair each sample with its
+    mirror in the batch, so that share must be even."""
+    batch = stage.batch_size // world_size
+    if stage.train.mixup is not None and batch % 2:
+        return batch - 1
+    return batch
+
+
+def image_size(stage: StageSpec, epoch: int) -> int:
+    """The resolution schedule: the training input size of epoch `epoch` of `stage`."""
+    return stage.img_size
+
+
+def validation_size(stage: StageSpec, epoch: int) -> int:
+    """The input size validation runs at after epoch `epoch` of `stage`."""
+    return image_size(stage, epoch)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One epoch of one stage. `batches` and `batch_per_process` are per process; `images` counts
+    every process (the global batch times the batches)."""
+
+    stage: int
+    epoch: int  # within its stage, from 0
+    img_size: int
+    val_size: int
+    batch_size: int  # the stage's global batch
+    batch_per_process: int
+    batches: int  # training batches per process (the last partial batch is dropped)
+    updates: int  # optimizer updates: batches / accum_steps, rounded up
+    images: int
+
+    @property
+    def work(self) -> float:
+        """Pixels trained, the unit of the run's progress: a step's cost grows with the image area."""
+        return float(self.images) * self.img_size**2
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every epoch of the run, in order."""
+
+    epochs: tuple[EpochPlan, ...]
+
+    def of_stage(self, k: int) -> tuple[EpochPlan, ...]:
+        return tuple(e for e in self.epochs if e.stage == k)
+
+    def epoch(self, k: int, epoch: int) -> EpochPlan:
+        return next(e for e in self.epochs if (e.stage, e.epoch) == (k, epoch))
+
+    def stage_updates(self, k: int) -> int:
+        """Optimizer updates of stage `k`: the length of its schedule."""
+        return sum(e.updates for e in self.of_stage(k))
+
+    @property
+    def total_updates(self) -> int:
+        return sum(e.updates for e in self.epochs)
+
+    def fraction_done(self, k: int, epoch: int, batches_done: int = 0) -> float:
+        """The share of the run's work done once `batches_done` batches of epoch `epoch` of stage `k`
+        (and everything before it) are trained."""
+        total = sum(e.work for e in self.epochs)
+        done = sum(e.work for e in self.epochs if (e.stage, e.epoch) < (k, epoch))
+        if (k, epoch) in {(e.stage, e.epoch) for e in self.epochs}:
+            current = self.epoch(k, epoch)
+            done += current.work * batches_done / max(current.batches, 1)
+        return done / total if total else 1.0
+
+    def records(self) -> list[dict[str, Any]]:
+        """One mapping per epoch (plan.json, checkpoints)."""
+        return [asdict(e) for e in self.epochs]
+
+
+def plan_run(stages: list[StageSpec], train_size: int, world_size: int = 1) -> RunPlan:
+    """The plan for `stages` over a training set of `train_size` images split over `world_size`
+    processes (equal shards, the remainder left out: what every loader does)."""
+    per_rank = train_size // world_size
+    epochs = []
+    for k, stage in enumerate(stages):
+        batch = train_batch_size(stage, world_size)
+        batches = per_rank // batch if batch > 0 else 0
+        for epoch in range(stage.epochs):
+            epochs.append(
+                EpochPlan(
+                    stage=k,
+                    epoch=epoch,
+                    img_size=image_size(stage, epoch),
+                    val_size=validation_size(stage, epoch),
+                    batch_size=stage.batch_size,
+                    batch_per_process=batch,
+                    batches=batches,
+                    updates=TrainStep.steps_per_epoch(batches, stage.train.accum_steps),
+                    images=batches * batch * world_size,
+                )
+            )
+    return RunPlan(tuple(epochs))
+
+
+def format_duration(seconds: float) -> str:
+    """`42 s`, `3 min 05 s`, `1 h 02 min`."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, s = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {s:02d} s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours} h {m:02d} min"

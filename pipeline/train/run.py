@@ -1,0 +1,298 @@
+"""The run: plan it, start or resume it, and take one model through every stage and epoch in order.
+
+Each epoch trains, validates, and checkpoints (last.pt, best.pt; stageK.pt when a stage ends).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import yaml
+from timm.layers import convert_sync_batchnorm
+
+from pipeline import distributed
+from pipeline.config import Config, EmaConfig
+from pipeline.data import Datasets
+from pipeline.distributed import World
+from pipeline.files import write_json, write_text
+from pipeline.model import build_model, param_groups
+from pipeline.report import MetricsLog, format_summary, plot_run
+from pipeline.train.checkpoint import (
+    Checkpoint,
+    Checkpointer,
+    Progress,
+    derive_seed,
+    rng_state,
+    seed_everything,
+)
+from pipeline.train.loop import EpochResult, LoopSettings, evaluate, train_epoch
+from pipeline.train.plan import RunPlan, format_duration, plan_run
+from pipeline.train.preflight import check_groups, check_input_sizes, check_resume, prepare
+from pipeline.train.range_test import lr_for_run
+from pipeline.train.rundir import new_run_dir
+from pipeline.train.signals import StopSignals
+from pipeline.train.stage import RunContext, StageParts, build_stage
+from pipeline.train.step import WeightEma
+
+
+@dataclass
+class RunHooks:
+    """Where a test or a tool can watch a run without reaching into it."""
+
+    after_save: Callable[[list[Path]], None] | None = None  # after each checkpoint write, with its paths
+    stage_built: Callable[[StageParts], None] | None = None  # a stage's parts, before its first batch
+    epoch_start: Callable[[int, int], None] | None = None  # (stage, epoch), before its first batch
+
+
+def run_training(
+    cfg: Config, out_dir: Path | None = None, resume: Path | None = None, hooks: RunHooks | None = None
+) -> Path:
+    """Train through every stage; returns the run folder. `resume`: a run folder to continue.
+    Under torchrun every process runs this; rank 0 alone writes and prints."""
+    world = distributed.from_environment()
+    device, datasets, num_classes = prepare(cfg, world)
+    distributed.init(world, device.type == "cuda")
+    try:
+        with open(os.devnull, "w") as devnull:
+            quiet = contextlib.redirect_stdout(devnull) if not world.is_main else contextlib.nullcontext()
+            with quiet:
+                return _train(cfg, out_dir, resume, world, device, datasets, num_classes, hooks or RunHooks())
+    finally:
+        distributed.shutdown()
+
+
+def _train(
+    cfg: Config,
+    out_dir: Path | None,
+    resume: Path | None,
+    world: World,
+    device: torch.device,
+    datasets: Datasets,
+    num_classes: int,
+    hooks: RunHooks,
+) -> Path:
+    seed_everything(cfg.run.seed)
+    plan = plan_run(cfg.stages, len(datasets.train), world.world_size)
+    checkpoint, progress = None, Progress()
+    if resume is not None:
+        run_dir = Path(resume)
+        checkpoint = Checkpoint.read(run_dir / "checkpoints" / "last.pt")
+        progress = checkpoint.run_progress
+        check_resume(checkpoint, cfg, datasets, plan, progress, world)
+        model = build_model(replace(cfg.model, pretrained=None), num_classes).to(device)  # weights: below
+        model.load_state_dict(checkpoint.state_dict)
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 cuts the metrics back
+        if world.is_main:
+            MetricsLog.keep_before(run_dir / "metrics.jsonl", progress.stage, progress.epoch, progress.batch)
+        where = f", batch {progress.batch}" if progress.batch else ""
+        print(f"resuming {run_dir} at stage {progress.stage}, epoch {progress.epoch}{where}")
+    else:
+        model = build_model(cfg.model, num_classes).to(device)
+        check_input_sizes(model, cfg, plan, device)
+    groups = param_groups(model)
+    check_groups(model, cfg, groups)
+    if cfg.train.sync_bn and world.distributed:
+        model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
+    if resume is None:
+        run_dir = distributed.from_main(
+            new_run_dir(Path(out_dir or cfg.run.out_dir), cfg.run.name) if world.is_main else None
+        )
+    if world.is_main:
+        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.raw, sort_keys=False))
+        write_json(run_dir / "plan.json", plan.records())
+    processes = f" x {world.world_size} processes (torchrun)" if world.distributed else ""
+    print(
+        f"run folder {run_dir}\ndevice {device}{processes}; {len(datasets.train)} train / {len(datasets.val)} val "
+        f"images, {num_classes} classes; model {cfg.model.arch} (groups {groups.describe()})"
+    )
+    ctx = RunContext(cfg, device, model, groups, num_classes, datasets, world)
+    if checkpoint is not None and checkpoint.state_dict_ema is not None:
+        ctx.ema = WeightEma(model, cfg.stages[progress.stage].train.ema or cfg.train.ema or EmaConfig())
+        ctx.ema.load_state_dict(checkpoint.state_dict_ema, checkpoint.ema_updates)
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if world.is_main else MetricsLog(None)
+    try:
+        with StopSignals() as stop:
+            loop = LoopSettings(run_dir, device, world, metrics, stop, cfg.run.log_every, cfg.run.checkpoint_every * 60)
+            checkpoints = Checkpointer(run_dir, device, world, hooks.after_save)
+            Trainer(ctx, plan, loop, checkpoints, hooks).run(progress, checkpoint)
+    finally:
+        metrics.close()
+    return run_dir
+
+
+class Trainer:
+    """Takes the run's one model through the planned stages and epochs, from where `progress` stands."""
+
+    def __init__(self, ctx: RunContext, plan: RunPlan, loop: LoopSettings, checkpoints: Checkpointer, hooks: RunHooks):
+        self.ctx, self.plan, self.loop, self.checkpoints, self.hooks = ctx, plan, loop, checkpoints, hooks
+        self.cfg, self.run_dir = ctx.cfg, loop.run_dir
+        self._mark = time.perf_counter()
+
+    def run(self, progress: Progress, checkpoint: Checkpoint | None) -> None:
+        run_start = self._mark = time.perf_counter()
+        for k in range(progress.stage, len(self.cfg.stages)):
+            resume = checkpoint if (checkpoint is not None and progress.started) else None
+            self.run_stage(k, progress, resume)
+            checkpoint = None
+        summary = {
+            "stages": progress.stages,
+            "final_val_top1": progress.stages[-1]["val_top1"] if progress.stages else 0.0,
+            "best_val_top1": progress.best_val_top1,
+            "seconds": round(progress.seconds, 2),
+            "wall_seconds": round(self.tick(progress), 2),
+        }
+        if self.ctx.world.is_main:
+            write_json(self.run_dir / "summary.json", summary)
+        print(format_summary(summary))
+        print(f"done in {time.perf_counter() - run_start:.1f} s; outputs in {self.run_dir}")
+
+    def run_stage(self, k: int, progress: Progress, resume: Checkpoint | None) -> None:
+        """Stage `k` from its epoch `progress.epoch` (and batch `progress.batch`); `resume`: the
+        checkpoint this stage was interrupted in, whose optimizer, schedule and RNGs go on."""
+
+        def choose_lr(parts: StageParts) -> float:  # `lr: find`; a resumed stage has its LRs in its optimizer
+            return lr_for_run(parts, self.ctx, self.run_dir, self.loop.metrics)
+
+        with build_stage(self.ctx, k, self.plan, choose_lr=None if resume is not None else choose_lr) as parts:
+            if resume is not None:
+                resume.restore_training(parts.optimizer, parts.scheduler, parts.train_step.scaler)
+            print(parts.describe(self.ctx.world))
+            if self.hooks.stage_built is not None:
+                self.hooks.stage_built(parts)
+            for epoch in range(progress.epoch, parts.stage.epochs):
+                result = self.train_one_epoch(parts, progress, epoch, resume)
+                self.end_epoch(parts, progress, epoch, result)
+        progress.stage, progress.epoch = k + 1, 0
+        progress.stage_seconds, progress.stage_images = 0.0, 0
+
+    def train_one_epoch(self, parts: StageParts, progress: Progress, epoch: int, resume: Checkpoint | None):
+        k, start, rng = parts.index, progress.batch, None
+        if start == 0:
+            seed_everything(derive_seed(parts.seed, epoch))  # Mixup draws; resumed epochs repeat exactly
+        else:  # resumed mid-epoch: the RNGs as they were when the checkpoint was taken
+            rng = resume.rng
+        if self.hooks.epoch_start is not None:
+            self.hooks.epoch_start(k, epoch)
+        loader, train_step = parts.train_loader, parts.train_step
+        loader.set_epoch(epoch, start_batch=start)
+        train_step.start_epoch(len(loader), start)
+        updates_before = train_step.optimizer_steps
+
+        def save_mid_epoch(batches_done: int, partial: dict[str, float]) -> None:
+            progress.batch, progress.partial = batches_done, partial
+            self.tick(progress)
+            self.checkpoints.save(["last.pt"], self.checkpoint(parts, progress))
+
+        result = train_epoch(
+            self.loop,
+            train_step,
+            loader,
+            parts.optimizer,
+            stage=k,
+            epoch=epoch,
+            label=f"stage {k} {parts.stage.img_size}px epoch {epoch + 1}/{parts.stage.epochs}",
+            start=start,
+            partial=progress.partial,
+            rng=rng,
+            save_mid_epoch=save_mid_epoch,
+            run_status=lambda batches_done: self.status(k, epoch, batches_done, progress),
+        )
+        planned = self.plan.epoch(k, epoch).updates - start // parts.train_cfg.accum_steps
+        updates = train_step.optimizer_steps - updates_before
+        if updates != planned:  # the schedule's length came from the plan: a mismatch is a bug
+            raise RuntimeError(f"stage {k} epoch {epoch}: {updates} optimizer updates, the plan has {planned}")
+        progress.batch, progress.partial = 0, {}
+        return result
+
+    def end_epoch(self, parts: StageParts, progress: Progress, epoch: int, result: EpochResult) -> None:
+        """Validate, record, report and checkpoint a finished epoch; stop here if asked to."""
+        k, stage, ema, device = parts.index, parts.stage, parts.ema, self.ctx.device
+        distributed.same_buffers(self.ctx.model, ema.module if ema is not None else None)
+        precision = parts.train_step.precision
+        val = evaluate(parts.net, parts.val_loader, precision, device)
+        val_ema = evaluate(ema.module, parts.val_loader, precision, device) if ema is not None else None
+        progress.epoch = epoch + 1
+        progress.stage_seconds += result.seconds
+        progress.stage_images += result.images
+        improved = val["top1"] > progress.best_val_top1
+        progress.best_val_top1 = max(progress.best_val_top1, val["top1"])
+        self.report_epoch(parts, progress, epoch, result, val, val_ema)
+        stage_done = progress.epoch == stage.epochs
+        if stage_done:  # record it before saving
+            progress.finish_stage(stage, val["top1"], val_ema["top1"] if val_ema else None)
+        names = ["best.pt"] * improved + [f"stage{k}.pt"] * stage_done + ["last.pt"]
+        self.checkpoints.save(names, self.checkpoint(parts, progress))
+        finished = k == len(self.cfg.stages) - 1 and stage_done
+        if self.loop.stop.agree(False, device) and not finished:  # a stop asked for; the run's last epoch just ends
+            raise self.loop.stop.stopped(self.run_dir, f"stage {k}, after epoch {epoch}")
+
+    def report_epoch(self, parts: StageParts, progress: Progress, epoch: int, result: EpochResult, val, val_ema):
+        """The epoch's metrics record, the refreshed plots and the epoch line."""
+        record = {
+            "kind": "epoch",
+            "stage": parts.index,
+            "epoch": epoch,
+            "img_size": self.plan.epoch(parts.index, epoch).img_size,
+            "train_loss": result.loss,
+            "train_seconds": round(result.seconds, 3),
+            "train_images_per_s": round(result.images / result.seconds, 1),
+            **{f"val_{key}": v for key, v in val.items()},
+            **{f"val_ema_{key}": v for key, v in (val_ema or {}).items() if key != "samples"},
+        }
+        record["elapsed_s"] = round(self.tick(progress), 2)
+        self.loop.metrics.write(record)
+        self.loop.metrics.flush()
+        if self.ctx.world.is_main:
+            try:
+                plot_run(self.run_dir)  # refreshed every epoch, to be watched
+            except OSError as e:
+                print(f"warning: plots not written ({e.strerror or e})", file=sys.stderr)
+        print(
+            f"stage {parts.index} epoch {epoch}: train loss {result.loss:.4f}, val loss {val['loss']:.4f}, "
+            f"top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%"
+            + (f", EMA top-1 {val_ema['top1']:.2f}%" if val_ema else "")
+            + f" ({result.seconds:.1f} s, {result.images / result.seconds:.0f} img/s)"
+        )
+
+    def checkpoint(self, parts: StageParts, progress: Progress) -> Checkpoint:
+        """The run as it stands, in the one checkpoint schema."""
+        ctx, ema, scaler = self.ctx, self.ctx.ema, parts.train_step.scaler
+        return Checkpoint(
+            state_dict=ctx.model.state_dict(),
+            arch=self.cfg.model.arch,
+            num_classes=ctx.num_classes,
+            classes=ctx.datasets.classes,
+            config=self.cfg.raw,
+            train_size=len(ctx.datasets.train),
+            world_size=ctx.world.world_size,
+            optimizer=parts.optimizer.state_dict(),
+            scheduler=parts.scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None,
+            state_dict_ema=ema.state_dict() if ema is not None else None,
+            ema_updates=ema.updates if ema is not None else 0,
+            progress=progress.state_dict(),
+            rng=rng_state(),
+            plan=self.plan.records(),
+        )
+
+    def status(self, k: int, epoch: int, batches_done: int, progress: Progress) -> str:
+        """The run's share done and the time it should still take, by the plan's work."""
+        done = self.plan.fraction_done(k, epoch, batches_done)
+        elapsed = progress.elapsed + time.perf_counter() - self._mark
+        left = f", {format_duration(elapsed * (1 - done) / done)} left" if done > 0 else ""
+        return f"{math.floor(100 * done)}%{left}"
+
+    def tick(self, progress: Progress) -> float:
+        """Add the wall time since the last call to `progress.elapsed` (which checkpoints carry)."""
+        now = time.perf_counter()
+        progress.elapsed += now - self._mark
+        self._mark = now
+        return progress.elapsed

@@ -1,0 +1,239 @@
+"""Building one stage: loaders, freeze plan, EMA, optimizer (LR scaled for the batch), compile and DDP,
+schedule and train step. The run, `lr-find`, `bench-loader` and the benchmarks all build stages here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from pipeline.config import Config, StageSpec, TrainConfig
+from pipeline.data import Datasets, Loader, build_loader, describe_loader
+from pipeline.distributed import World
+from pipeline.model import FreezePlan, ParamGroups, apply_freeze, optimizer_param_groups
+from pipeline.train.checkpoint import derive_seed
+from pipeline.train.plan import RunPlan, image_size, train_batch_size, validation_size
+from pipeline.train.schedule import build_optimizer, build_scheduler
+from pipeline.train.step import TrainStep, WeightEma, build_train_step, compile_model
+
+
+def use_compile(stage: StageSpec, device: torch.device) -> bool:
+    return stage.train.compile == "on" or (stage.train.compile == "auto" and device.type == "cuda")
+
+
+class CompiledModel:
+    """One compiled module for the whole run (each new input shape adds a graph to it). A stage that
+    trains other parameters (or other BatchNorm modes) starts from fresh graphs, rather than
+    trusting every torch version's guards on requires_grad."""
+
+    def __init__(self):
+        self.module: torch.nn.Module | None = None
+        self._trainable: tuple | None = None  # what the graphs were traced with
+
+    def of(self, model: torch.nn.Module, freeze: FreezePlan) -> torch.nn.Module:
+        trainable = (tuple(freeze.frozen), len(freeze.fixed_norms), freeze.trainable)
+        if self.module is not None and trainable != self._trainable:
+            torch._dynamo.reset()
+            self.module = None
+        self._trainable = trainable
+        if self.module is None:
+            self.module = compile_model(model)
+        return self.module
+
+
+@dataclass
+class RunContext:
+    """What lives for the whole run, and every stage is built from: one model (so its weights and
+    BatchNorm statistics go on from stage to stage), its groups, one EMA, one compiled module."""
+
+    cfg: Config
+    device: torch.device
+    model: torch.nn.Module
+    groups: ParamGroups
+    num_classes: int
+    datasets: Datasets | None = None  # None: no loaders (a benchmark feeding batches itself)
+    world: World = World()
+    ema: WeightEma | None = None  # made by the first stage with `ema`
+    compiled: CompiledModel = field(default_factory=CompiledModel)
+
+    def __post_init__(self):
+        # Each stage compiles one training and one evaluation graph; keep them all cached.
+        torch._dynamo.config.recompile_limit = max(8, 2 * len(self.cfg.stages) + 2)
+
+
+@dataclass
+class StageParts:
+    """Everything one stage trains with. Closing it (or leaving its `with`) stops the loaders' workers."""
+
+    index: int
+    stage: StageSpec
+    train_cfg: TrainConfig  # the stage's settings, its LR scaled for its batch (`optimizer.scale_lr`)
+    seed: int  # the stage's own seed: loaders, and each epoch's draws (derived from it)
+    freeze: FreezePlan
+    optimizer: torch.optim.Optimizer
+    net: torch.nn.Module  # what evaluation calls: the compiled module or the model itself
+    train_net: torch.nn.Module  # what the step calls: `net`, or the model in DDP (compiled)
+    ema: WeightEma | None
+    train_step: TrainStep | None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    train_loader: Loader | None
+    val_loader: Loader | None
+    compiled: bool
+
+    def close(self) -> None:
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.close()
+
+    def __enter__(self) -> StageParts:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # also on a stop or an error: the workers end now, not at exit
+
+    def describe(self, world: World = World()) -> str:
+        """The stage line printed when it starts."""
+        stage, tc, train_step = self.stage, self.train_cfg, self.train_step
+        per_process = train_batch_size(stage, world.world_size)
+        batches = len(self.train_loader) if self.train_loader is not None else 0
+        return (
+            f"stage {self.index}: {stage.img_size}px, batch {per_process * world.world_size}"
+            + (f" ({per_process} per process)" if world.distributed else "")
+            + f", {stage.epochs} epochs x {batches} steps; amp {train_step.precision.name}, "
+            f"compile {'on' if self.compiled else 'off'}, mixup {'on' if train_step.mixup else 'off'}; "
+            f"loader {describe_loader(stage.data)}"
+            + (f"; frozen {', '.join(self.freeze.frozen)}" if self.freeze.frozen else "")
+            + (f"; {len(self.freeze.fixed_norms)} BatchNorm layers fixed" if self.freeze.fixed_norms else "")
+            + (f"; {tc.accum_steps} micro-batches per step" if tc.accum_steps > 1 else "")
+            + (f"; EMA {tc.ema.decay}" if tc.ema else "")
+        )
+
+
+def scaled_lr(stage: StageSpec) -> TrainConfig:
+    """The stage's train settings with `optimizer.scale_lr` applied: the LR times (samples per
+    optimizer step / `base_batch`), or its square root; unchanged for `lr: find`."""
+    tc = stage.train
+    opt = tc.optimizer
+    if opt.lr == "find" or opt.scale_lr == "none":
+        return tc
+    ratio = stage.batch_size * tc.accum_steps / opt.base_batch  # samples per optimizer step (global)
+    factor = ratio if opt.scale_lr == "linear" else math.sqrt(ratio)
+    return replace(tc, optimizer=replace(opt, lr=opt.lr * factor))
+
+
+def build_stage(
+    ctx: RunContext,
+    k: int,
+    plan: RunPlan | None = None,
+    *,
+    validation: bool = True,
+    choose_lr: Callable[[StageParts], float] | None = None,
+) -> StageParts:
+    """Stage `k` of `ctx.cfg`, ready to train. `plan`: the run plan its schedule spans (None: no
+    schedule, as for the range test and benchmarks). `validation`: build the validation loader too.
+    With `lr: find`, `choose_lr(parts)` returns the base LR (from a range test) before the schedule
+    is built; without it the LR stays the placeholder 1.0 (a resumed stage loads its optimizer)."""
+    cfg, device = ctx.cfg, ctx.device
+    stage = cfg.stages[k]
+    tc = scaled_lr(stage)
+    seed = derive_seed(cfg.run.seed, k)
+    train_loader, val_loader = _loaders(ctx, stage, seed, validation)
+    try:
+        model = ctx.model
+        if tc.channels_last:
+            model.to(memory_format=torch.channels_last)
+        freeze = apply_freeze(model, tc, ctx.groups, f"stages.{k}")
+        freeze.train_mode(model)
+        ema = _stage_ema(ctx, tc)
+        find = tc.optimizer.lr == "find"
+        optimizer = build_optimizer(
+            optimizer_param_groups(model, tc, ctx.groups, f"stages.{k}"),
+            replace(tc.optimizer, lr=1.0) if find else tc.optimizer,  # the placeholder keeps each group's ratio
+        )
+        net, train_net = _networks(ctx, stage, freeze)
+        parts = StageParts(
+            index=k,
+            stage=stage,
+            train_cfg=tc,
+            seed=seed,
+            freeze=freeze,
+            optimizer=optimizer,
+            net=net,
+            train_net=train_net,
+            ema=ema,
+            train_step=None,  # below: after the LR is known and the schedule built
+            scheduler=None,
+            train_loader=train_loader,
+            val_loader=val_loader,
+            compiled=net is not model,
+        )
+        if find and choose_lr is not None:
+            lr = choose_lr(parts)
+            for group in optimizer.param_groups:
+                group["lr"] *= lr  # the placeholder 1.0 kept each group's ratio
+        if plan is not None:
+            per_epoch = [e.updates for e in plan.of_stage(k)]
+            parts.scheduler = build_scheduler(optimizer, tc.schedule, sum(per_epoch), per_epoch[0])
+        parts.train_step = build_train_step(train_net, optimizer, parts.scheduler, tc, device, ctx.num_classes, ema=ema)
+        return parts
+    except BaseException:
+        for loader in (train_loader, val_loader):
+            if loader is not None:
+                loader.close()
+        raise
+
+
+def _loaders(ctx: RunContext, stage: StageSpec, seed: int, validation: bool) -> tuple[Loader | None, Loader | None]:
+    """The stage's training loader (this process's shard of its global batch) and validation loader."""
+    if ctx.datasets is None:
+        return None, None
+    world = ctx.world
+    shard = dict(
+        device=ctx.device,
+        seed=seed,
+        channels_last=stage.train.channels_last,
+        rank=world.rank,
+        world_size=world.world_size,
+    )
+    train_size, val_size = image_size(stage, 0), validation_size(stage, 0)
+    train_batch = train_batch_size(stage, world.world_size)
+    train = build_loader(
+        stage.data, ctx.datasets.train, train=True, img_size=train_size, batch_size=train_batch, **shard
+    )
+    if not validation:
+        return train, None
+    val_batch = stage.batch_size // world.world_size
+    try:
+        val = build_loader(stage.data, ctx.datasets.val, train=False, img_size=val_size, batch_size=val_batch, **shard)
+    except BaseException:
+        train.close()
+        raise
+    return train, val
+
+
+def _networks(ctx: RunContext, stage: StageSpec, freeze: FreezePlan) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """What evaluation calls (compiled, or the model) and what the step calls (that, or DDP)."""
+    model, device = ctx.model, ctx.device
+    net = ctx.compiled.of(model, freeze) if use_compile(stage, device) else model
+    if not ctx.world.distributed:
+        return net, net
+    # DDP, then torch.compile, as timm's train.py: the compiled backward then overlaps the gradient
+    # all-reduce (DDPOptimizer); evaluation calls `net`, with no DDP
+    ids = [device.index] if device.type == "cuda" else None
+    train_net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return net, (compile_model(train_net) if net is not model else train_net)
+
+
+def _stage_ema(ctx: RunContext, tc: TrainConfig) -> WeightEma | None:
+    """The run's EMA with this stage's settings (made by the first stage that asks), or None."""
+    if tc.ema is None:
+        return None
+    if ctx.ema is None:
+        ctx.ema = WeightEma(ctx.model, tc.ema)
+    ctx.ema.configure(tc.ema)
+    if tc.channels_last:
+        ctx.ema.module.to(memory_format=torch.channels_last)
+    return ctx.ema

@@ -1,0 +1,88 @@
+"""Every script in benchmarks/ runs end to end with tiny arguments, so none of them rots unnoticed."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+pytestmark = pytest.mark.slow
+
+
+def run_script(name: str, *args: str, timeout: int = 240) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_every_benchmark_script_has_a_smoke_test():
+    called = set(re.findall(r'run_script\(\s*"(\w+\.py)"', Path(__file__).read_text()))  # the tests below
+    assert called == {p.name for p in BENCHMARKS.glob("*.py")}
+
+
+def test_step_overhead(tiny_config, write_yaml, tmp_path):
+    out = tmp_path / "overhead.json"
+    text = run_script("step_overhead.py", write_yaml(tiny_config), "--batches", "2", "--repeats", "1", "--json", out)
+    rows = json.loads(out.read_text())
+    assert [r["img_size"] for r in rows] == [16, 24] and "ratio" in text
+    assert all(r["pipeline_images_per_s"] > 0 and r["minimal_images_per_s"] > 0 for r in rows)
+
+
+def test_loader_backends(tiny_config, tiny_data, write_yaml, tmp_path):
+    out = tmp_path / "loaders.json"
+    args = ["--data", tiny_data / "train", "--sizes", "16", "--workers", "0", "--repeats", "1", "--batches", "2"]
+    args += ["--backends", "tv2,classic", "--out", tmp_path, "--json", out]
+    run_script("loader_backends.py", write_yaml(tiny_config), *args)
+    rows = json.loads(out.read_text())
+    assert {r["backend"] for r in rows} == {"tv2", "classic", "step"}
+    assert all(r["img_size"] == 16 and r["images_per_s"] > 0 for r in rows)
+
+
+def test_progressive_vs_fixed(tiny_config, write_yaml, tmp_path):
+    text = run_script("progressive_vs_fixed.py", write_yaml(tiny_config), "--out", tmp_path / "pvf")
+    report = json.loads((tmp_path / "pvf" / "progressive_vs_fixed.json").read_text())
+    sizes = {name: row["stage_sizes"] for name, row in report["runs"].items()}
+    assert sizes == {"progressive": [16, 24], "fixed 24px": [24, 24]} and "| progressive |" in text
+
+
+def test_finetune_compare(tiny_config, write_yaml, tmp_path):
+    weights = tmp_path / "pretrained.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=10).state_dict(), weights)
+    example = copy.deepcopy(tiny_config)
+    example["train"].update(mixup="off", ema={"decay": 0.9})
+    example["stages"] = [
+        {"img_size": 16, "batch_size": 8, "epochs": 1, "freeze": "all_but_head"},
+        {"img_size": 16, "batch_size": 8, "epochs": 1, "freeze": "all_but_last_2"},
+        {"img_size": 16, "batch_size": 8, "epochs": 1},
+    ]
+    path = tmp_path / "example.yaml"
+    path.write_text(yaml.safe_dump(example))
+    args = ["--train", "20", "--val", "10", "--pretrained", weights, "--example", path, "--out", tmp_path / "ft"]
+    text = run_script("finetune_compare.py", *args)
+    rows = json.loads((tmp_path / "ft" / "finetune_compare.json").read_text())
+    assert len(rows) == 4 and all(len(r["stage_top1"]) == 3 for r in rows)
+    assert "| progressive unfreezing | 0 |" in text
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("nvidia.dali"), reason="no DALI")
+def test_dali_epoch_setup():
+    text = run_script("dali_epoch_setup.py", "--files", "200", "--repeats", "1")  # more files than a batch
+    assert "| 200 |" in text

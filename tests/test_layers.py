@@ -1,0 +1,84 @@
+"""The package's layers: every import runs downward (cli -> commands -> train -> data/model -> config)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+
+# A module may import modules of its own layer or below, never above (docs/architecture.md).
+LAYERS = [
+    ["pipeline.errors", "pipeline.files", "pipeline.config"],
+    ["pipeline.distributed", "pipeline.model", "pipeline.report", "pipeline.data"],
+    ["pipeline.train.step", "pipeline.train.schedule"],
+    ["pipeline.train.plan", "pipeline.train.checkpoint", "pipeline.train.signals", "pipeline.train.rundir"],
+    ["pipeline.train.loop", "pipeline.train.preflight"],
+    ["pipeline.train.stage"],
+    ["pipeline.train.range_test"],
+    ["pipeline.train.run"],
+    ["pipeline.evaluate", "pipeline.compare", "pipeline.check_data", "pipeline.loader_bench", "pipeline.lr_finder"],
+    ["pipeline.cli", "pipeline.__main__"],
+]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> int:
+    for rank, members in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in members):
+            return rank
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS and docs/architecture.md")
+
+
+def imports_of(path: Path) -> set[str]:
+    """The pipeline modules a file imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+            for alias in node.names:  # `from pipeline import distributed` imports a module
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if (PACKAGE.parent / Path(*sub.split("."))).with_suffix(".py").is_file() else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("pipeline")}
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) - {module_name(p)} for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_every_import_runs_downward():
+    upward = [
+        f"{importer} (layer {layer_of(importer)}) imports {imported} (layer {layer_of(imported)})"
+        for importer, imported_set in import_graph().items()
+        for imported in sorted(imported_set)
+        if imported != "pipeline" and layer_of(imported) > layer_of(importer)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = {m: {i for i in deps if i != "pipeline"} for m, deps in import_graph().items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        if state.get(module) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module) :] + [module]))
+        if state.get(module) == 2 or module not in graph:
+            return
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            visit(dep, path + [module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_no_training_module_is_over_300_lines():
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (PACKAGE / "train").glob("*.py")}
+    assert max(sizes.values()) <= 300, sizes
