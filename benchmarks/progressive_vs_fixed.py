@@ -1,11 +1,20 @@
-"""Progressive resizing against training at the final size only: the tool's own headline.
+"""Progressive resizing against training at the final size only: time-to-accuracy over several seeds.
 
-The same model, data, optimizer, schedule and epochs, back to back: (a) the default stages.yaml
-(32 -> 48 -> 64 px) and (b) the same stages with every image size set to the last one (64 px),
-so that only the sizes differ. Reports wall time, final top-1 and the wall time each run needs to
-reach the lower of the two final accuracies.
+Every variant trains the same model, data, optimizer and epochs, back to back; only what its name
+says differs from the stages file (default: stages.yaml on the demo data):
 
-    python benchmarks/progressive_vs_fixed.py [stages.yaml] [--seed 0] [--out runs/progressive-vs-fixed]
+  fixed          every stage at the final size (ramps too): the baseline
+  progressive    the stages file as it is
+  steps          each ramp `[a, b]` replaced by a at the first half of its epochs and b after
+  scope-flip     `train.schedule.scope` run <-> stage
+  bn-flip        `train.bn_reestimate` on (256 images) <-> off
+
+For each variant: final and best top-1 (mean and each seed), wall seconds, and the seconds to the
+target (the fixed runs' mean final top-1 minus 0.5 points; `--target` sets it), and the top-1 of
+the epochs just before and after every size switch. `compare` plots of seed 0 go beside the JSON.
+
+    python benchmarks/progressive_vs_fixed.py [stages.yaml] [--data IMAGEFOLDER_ROOT] [--seeds 0,1,2]
+        [--variants fixed,progressive,...] [--set KEY=VALUE] [--out runs/progressive-vs-fixed]
 """
 
 from __future__ import annotations
@@ -13,66 +22,145 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.compare import compare  # noqa: E402
-from pipeline.config import load_config, parse_config  # noqa: E402
+import yaml  # noqa: E402
+
+from pipeline.compare import compare, load_run, plot  # noqa: E402
+from pipeline.config import apply_override, parse_config  # noqa: E402
 from pipeline.train.run import run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("fixed", "progressive", "steps", "scope-flip", "bn-flip")
+
+
+def variant(raw: dict, name: str) -> dict:
+    """The raw configuration of variant `name` of the stages file `raw`."""
+    raw = copy.deepcopy(raw)
+    stages, train = raw["stages"], raw.setdefault("train", {})
+    if name == "fixed":
+        final = stages[-1]["img_size"]
+        final = final[-1] if isinstance(final, list) else final
+        for stage in stages:
+            stage["img_size"] = final
+            stage.pop("val_size", None)
+    elif name == "steps":
+        raw["stages"] = []
+        for stage in stages:
+            if isinstance(stage["img_size"], list) and stage["epochs"] > 1:
+                first = math.ceil(stage["epochs"] / 2)
+                start, end = stage["img_size"]
+                raw["stages"] += [{**stage, "img_size": start, "epochs": first}]
+                raw["stages"] += [{**stage, "img_size": end, "epochs": stage["epochs"] - first}]
+            else:
+                raw["stages"].append(stage)
+    elif name == "scope-flip":
+        schedule = train.setdefault("schedule", {})
+        schedule["scope"] = "stage" if schedule.get("scope", "stage") == "run" else "run"
+    elif name == "bn-flip":
+        train["bn_reestimate"] = 0 if train.get("bn_reestimate") else 256
+    elif name != "progressive":
+        raise SystemExit(f"--variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+    return raw
+
+
+def switches(run_dir: Path) -> list[tuple[int, int, float, float]]:
+    """(size before, size after, top-1 just before, top-1 just after) at every training-size change."""
+    epochs = load_run(run_dir).epochs
+    return [
+        (a["img_size"], b["img_size"], a["val_top1"], b["val_top1"])
+        for a, b in zip(epochs, epochs[1:])
+        if a["img_size"] != b["img_size"]
+    ]
+
+
+def summarise(runs: dict[str, list[Path]], target: float) -> dict[str, dict]:
+    rows = {}
+    for name, dirs in runs.items():
+        records = [load_run(d) for d in dirs]
+        reached = [r.reaching(target) for r in records]
+        to_target = [None if i is None else r.epochs[i].get("elapsed_s") for r, i in zip(records, reached)]
+        rows[name] = {
+            "final_top1": [r.final_top1 for r in records],
+            "best_top1": [r.best_top1 for r in records],
+            "wall_seconds": [r.wall_seconds for r in records],
+            "seconds_to_target": to_target,
+            "switches": [switches(d) for d in dirs],
+            "stage_sizes": [s["img_size"] for s in records[0].stages],
+        }
+    return rows
+
+
+def mean(values: list[float | None]) -> float | None:
+    return None if not values or any(v is None for v in values) else statistics.fmean(values)
+
+
+def print_table(rows: dict[str, dict], target: float) -> None:
+    base = rows.get("fixed")
+    print(f"\ntarget: {target:.2f}% top-1 (fixed mean final - 0.5 unless --target)")
+    print("| variant | final top-1 (mean; each seed) | best | wall s | s to target | time to target vs fixed |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        final, to = mean(r["final_top1"]), mean(r["seconds_to_target"])
+        ratio = "-"
+        if base is not None and to is not None and mean(base["seconds_to_target"]):
+            ratio = f"{to / mean(base['seconds_to_target']):.2f}x"
+        seeds = " / ".join(f"{v:.1f}" for v in r["final_top1"])
+        reach = "not reached" if to is None else f"{to:.0f}"
+        print(
+            f"| {name} | {final:.2f}% ({seeds}) | {mean(r['best_top1']):.2f}% | {mean(r['wall_seconds']):.0f} | "
+            f"{reach} | {ratio} |"
+        )
+    print("\nsize switches (top-1 before -> after), each seed:")
+    for name, r in rows.items():
+        for seed_switches in r["switches"]:
+            if seed_switches:
+                text = ", ".join(f"{a}->{b}px: {ta:.1f} -> {tb:.1f}" for a, b, ta, tb in seed_switches)
+                print(f"  {name}: {text}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("file", nargs="?", type=Path, default=ROOT / "stages.yaml")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=None, help="a folder with train/ and val/ (default: the file's)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--target", type=float, default=None, help="top-1 %% for time to target")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/progressive-vs-fixed"))
     args = parser.parse_args()
 
-    progressive = load_config(args.file, [f"run.seed={args.seed}", "run.name=progressive"])
-    raw = copy.deepcopy(progressive.raw)
-    final = raw["stages"][-1]["img_size"]
-    for stage in raw["stages"]:
-        stage["img_size"] = final
-    raw["run"]["name"] = f"fixed{final}"
-    fixed = parse_config(raw)
-
-    runs = {}
-    for name, cfg in (("progressive", progressive), (f"fixed {final}px", fixed)):
-        start = time.perf_counter()
-        runs[name] = run_training(cfg, out_dir=args.out)
-        print(f"{name}: {time.perf_counter() - start:.1f} s wall")
-
-    result = compare(list(runs.values()))
-    rows = {name: row for name, row in zip(runs, result["runs"])}
-    p, f = rows["progressive"], rows[f"fixed {final}px"]
-    speedup = f["seconds_to_target"] / p["seconds_to_target"] if p["seconds_to_target"] else None
-    report = {
-        "target_top1": result["target_top1"],
-        "runs": rows,
-        "speedup_to_target": speedup,
-        "final_top1_difference": p["final_top1"] - f["final_top1"],
-        "machine": platform.platform(),
-    }
+    raw = yaml.safe_load(args.file.read_text())
+    for item in args.overrides:
+        apply_override(raw, item)
+    if args.data is not None:
+        raw.setdefault("data", {}).update(train=str(args.data / "train"), val=str(args.data / "val"))
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs: dict[str, list[Path]] = {name: [] for name in names}
+    for seed in seeds:  # seeds outermost: a slow moment of the machine spreads over every variant
+        for name in names:
+            cfg = variant(raw, name)
+            cfg.setdefault("run", {}).update(seed=seed, name=f"{name}-s{seed}")
+            start = time.perf_counter()
+            runs[name].append(run_training(parse_config(cfg, base_dir=args.file.parent), out_dir=args.out))
+            print(f"{name} seed {seed}: {time.perf_counter() - start:.1f} s wall", flush=True)
+    finals = summarise(runs, 0.0)
+    fixed = mean(finals["fixed"]["final_top1"]) if "fixed" in finals else None
+    target = args.target if args.target is not None else (fixed - 0.5 if fixed is not None else 0.0)
+    rows = summarise(runs, target)
+    print_table(rows, target)
+    report = {"target_top1": target, "seeds": seeds, "variants": rows, "machine": platform.platform()}
     (args.out / "progressive_vs_fixed.json").write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(f"target: {result['target_top1']:.1f}% top-1 (the lower final accuracy)")
-    print("| run | stages (px) | final top-1 | best top-1 | wall s | s to target | epochs to target |")
-    print("|---|---|---|---|---|---|---|")
-    for name, row in rows.items():
-        sizes = "/".join(str(s) for s in row["stage_sizes"])
-        print(
-            f"| {name} | {sizes} | {row['final_top1']:.1f}% | {row['best_top1']:.1f}% | {row['wall_seconds']:.0f} | "
-            f"{row['seconds_to_target']:.0f} | {row['epochs_to_target']} |"
-        )
-    if speedup is not None:
-        diff = report["final_top1_difference"]
-        print(f"progressive reaches the target {speedup:.2f}x sooner; final top-1 {diff:+.1f} points")
+    plot(compare([dirs[0] for dirs in runs.values()], target), args.out)
+    print(f"wrote {args.out / 'progressive_vs_fixed.json'} and the compare plots in {args.out}")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and a confusion matrix of a checkpoint")
     ev.add_argument("target", type=Path, metavar="RUN_DIR|CKPT", help="a run folder (its best.pt) or a checkpoint")
     ev.add_argument("--data", type=Path, default=None, help="an ImageFolder (default: the run's data.val)")
-    ev.add_argument("--img-size", type=int, default=None, help="input size (default: the last stage's)")
+    ev.add_argument(
+        "--img-size",
+        default=None,
+        metavar="N|auto",
+        help="input size (default: the last stage's); auto: the best of 1, 1.15, 1.3 and 1.5 times it",
+    )
     ev.add_argument(
         "--tta", choices=["none", "flip", "flip+crops"], default="none", help="test-time augmentation (default none)"
     )
@@ -231,6 +236,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         workers=args.workers,
         device_name=args.device,
     )
+    if "sizes" in result:  # --img-size auto
+        for row in result["sizes"]:
+            print(f"{row['img_size']:>4}px: top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%")
+        print(f"chosen: {result['img_size']}px (the best top-1; on a tie, the smaller size)")
     print(format_report(result))
     members = len(result["checkpoints"])
     print(f"{members} checkpoint(s), {result['weights']} weights, {result['img_size']}px, TTA {result['tta']}")

@@ -141,9 +141,11 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    """The LR over one stage, stepped once per optimizer step; every group peaks at its own LR."""
+    """The LR curve, stepped once per optimizer step; every group peaks at its own LR. `scope: run`:
+    one curve over every update of every stage; `stage`: a curve of its own in each stage."""
 
     name: Literal["onecycle", "cosine", "exponential", "multistep", "cyclic", "constant"] = "onecycle"
+    scope: Literal["run", "stage"] = "run"
     # onecycle
     pct_start: float = checked(0.25, unit_open)
     div_factor: float = checked(25.0, positive)
@@ -195,15 +197,25 @@ class TrainConfig:
     clip_mode: Literal["norm", "value", "agc"] = "norm"
     ema: EmaConfig | None = None  # e.g. {decay: 0.999}; evaluated and checkpointed beside the weights
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch
+    # training images run through the model (no gradient) to re-estimate BatchNorm statistics when the
+    # training size changes, and at the validation size before an evaluation larger than training; 0: off
+    bn_reestimate: int = checked(0, non_negative)
 
 
 @dataclass
 class StageSpec:
-    img_size: int
+    img_size: int  # the training size the stage ends at (its only one without a ramp)
     batch_size: int
     epochs: int
     train: TrainConfig  # the global `train` section with this stage's overrides applied
     data: DataConfig = field(default_factory=DataConfig)  # the global `data` with this stage's `data:` keys
+    start_size: int | None = None  # `img_size: [start, end]`: a ramp, stepped per epoch from start to end
+    val_size: int | None = None  # validation input size (None: the epoch's training size)
+
+    @property
+    def largest_size(self) -> int:
+        """The largest input the stage feeds the model, training or validation."""
+        return max(self.img_size, self.val_size or 0)
 
 
 @dataclass
@@ -217,6 +229,8 @@ class Config:
 
 
 STAGE_SIZE_KEYS = ("img_size", "batch_size", "epochs")
+STAGE_KEYS = (*STAGE_SIZE_KEYS, "val_size", "data")  # a stage's own keys; the rest override `train`
+SCOPE_KEYS = ("scope",)  # schedule keys set for the whole run only
 # Stage shortcuts for deeper training keys, so a stage can say `lr: 0.1`.
 STAGE_SHORTCUTS = {"lr": ("optimizer", "lr")}
 SECTIONS = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "train": TrainConfig}
@@ -307,13 +321,13 @@ def parse_config(raw: dict, base_dir: Path = Path(".")) -> Config:
         stage_data = _stage_data(raw.get("data") or {}, stage_raw.get("data"), f"stages.{i}.data")
         stage.data = dataclasses.replace(stage_data, train=data.train, val=data.val)
     if data.cache_size == "auto":  # one cache serves every stage: large enough for each stage's own keys
-        data.cache_size = max(cache_side(st.img_size, st.data) for st in stages)
+        data.cache_size = max(cache_side(st.largest_size, st.data) for st in stages)
     for i, stage in enumerate(stages):
         stage.data.cache_size = data.cache_size
-        least = math.floor(stage.img_size / stage.data.crop_pct)
+        least = math.floor(stage.largest_size / stage.data.crop_pct)
         if stage.data.cache and data.cache_size < least:
             raise ConfigError(
-                f"data.cache_size: {data.cache_size} is too small for stage {i} ({stage.img_size}px, whose "
+                f"data.cache_size: {data.cache_size} is too small for stage {i} ({stage.largest_size}px, whose "
                 f"validation resizes to {least}); use auto or at least {least}"
             )
     model: ModelConfig = sections["model"]
@@ -323,6 +337,7 @@ def parse_config(raw: dict, base_dir: Path = Path(".")) -> Config:
     _check_optimizer(sections["train"].optimizer, "train.optimizer")
     for i, stage in enumerate(stages):
         _check_optimizer(stage.train.optimizer, f"stages.{i}.optimizer")
+        _check_run_wide(stage, sections["train"], f"stages.{i}")
 
     resolved = {name: dataclasses.asdict(sections[name]) for name in SECTIONS}
     resolved["stages"] = copy.deepcopy(stages_raw)
@@ -362,16 +377,16 @@ def _check_cache_backend(data: DataConfig, path: str) -> None:
 def _parse_stage(stage: Any, train_raw: dict, path: str) -> StageSpec:
     if not isinstance(stage, dict):
         raise ConfigError(f"{path}: must be a mapping like {{img_size: 64, batch_size: 128, epochs: 2}}")
-    values = {}
     for key in STAGE_SIZE_KEYS:
         if key not in stage:
             raise ConfigError(f"{path}.{key}: missing (every stage sets img_size, batch_size and epochs)")
-        values[key] = _coerce(stage[key], int, f"{path}.{key}")
-        if values[key] <= 0:
-            raise ConfigError(f"{path}.{key}: must be a positive integer, got {values[key]}")
+    values = {key: _positive_int(stage[key], f"{path}.{key}") for key in ("batch_size", "epochs")}
+    values["start_size"], values["img_size"] = _stage_sizes(stage["img_size"], f"{path}.img_size")
+    if stage.get("val_size") is not None:
+        values["val_size"] = _positive_int(stage["val_size"], f"{path}.val_size")
     if values["batch_size"] < 2:
         raise ConfigError(f"{path}.batch_size: must be at least 2 (BatchNorm needs two samples per batch)")
-    overrides = {k: v for k, v in stage.items() if k not in (*STAGE_SIZE_KEYS, "data")}
+    overrides = {k: v for k, v in stage.items() if k not in STAGE_KEYS}
     merged = copy.deepcopy(train_raw)
     train_keys = [f.name for f in dataclasses.fields(TrainConfig)]
     for key, value in overrides.items():
@@ -388,7 +403,7 @@ def _parse_stage(stage: Any, train_raw: dict, path: str) -> StageSpec:
             else:
                 merged[key] = value
         else:
-            allowed = list(STAGE_SIZE_KEYS) + train_keys + list(STAGE_SHORTCUTS) + ["data"]
+            allowed = list(STAGE_KEYS) + train_keys + list(STAGE_SHORTCUTS)
             raise ConfigError(f"{path}.{key}: unknown stage key{_suggest(str(key), allowed)}")
     # Inherited keys were validated as `train.*`; an error here comes from this stage's overrides.
     try:
@@ -400,6 +415,37 @@ def _parse_stage(stage: Any, train_raw: dict, path: str) -> StageSpec:
                 message = message.replace(f"{path}.{section}.{sub}:", f"{path}.{short}:")
         raise ConfigError(message) from None
     return StageSpec(train=train, **values)
+
+
+def _positive_int(value: Any, path: str) -> int:
+    number = _coerce(value, int, path)
+    if number <= 0:
+        raise ConfigError(f"{path}: must be a positive integer, got {number}")
+    return number
+
+
+def _stage_sizes(value: Any, path: str) -> tuple[int | None, int]:
+    """`img_size: 64`, or `[32, 64]`: a ramp from 32 to 64 over the stage's epochs; (start, end)."""
+    if not isinstance(value, (list, tuple)):
+        return None, _positive_int(value, path)
+    if len(value) != 2:
+        raise ConfigError(f"{path}: a size, or [start, end] for a ramp over the stage's epochs; got {list(value)}")
+    start, end = (_positive_int(v, f"{path}.{i}") for i, v in enumerate(value))
+    if start >= end:
+        raise ConfigError(f"{path}: a ramp grows: [start, end] with start < end, got {list(value)}")
+    return start, end
+
+
+def _check_run_wide(stage: StageSpec, train: TrainConfig, path: str) -> None:
+    """Keys a stage cannot set for itself: they describe the whole run."""
+    for key in SCOPE_KEYS:
+        if getattr(stage.train.schedule, key) != getattr(train.schedule, key):
+            raise ConfigError(f"{path}.schedule.{key}: set for the whole run, in train.schedule.{key}")
+    if train.schedule.scope == "run" and stage.train.schedule != train.schedule:
+        raise ConfigError(
+            f"{path}.schedule: with train.schedule.scope: run one schedule spans every stage; set it in "
+            "train.schedule (or use scope: stage for a schedule per stage)"
+        )
 
 
 def parse_dataclass(cls: type, data: Any, path: str) -> Any:

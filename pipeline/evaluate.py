@@ -1,13 +1,15 @@
 """`python -m pipeline eval`: a checkpoint (or several, averaged) on a validation folder.
 
 Top-1/top-5, per-class accuracy and a confusion matrix; test-time augmentation averages the softmax
-over flipped (and corner-cropped) views, an ensemble averages it over checkpoints.
+over flipped (and corner-cropped) views, an ensemble averages it over checkpoints. `--img-size auto`
+evaluates at the trained size and a few larger ones and keeps the best (FixRes).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import torch
 from pipeline.config import DataConfig, parse_config
 from pipeline.data import build_loader, scan_image_folder
 from pipeline.data.demo import demo_root
+from pipeline.data.folder import ImageFolderIndex
 from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
 from pipeline.files import pyplot, write_json, write_png
@@ -152,25 +155,57 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(
-    target: Path,
-    data: Path | None = None,
-    img_size: int | None = None,
-    tta: str = "none",
-    ensemble: list[Path] = (),
-    out: Path | None = None,
-    use_ema: bool = False,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    device_name: str = "auto",
-) -> tuple[dict[str, Any], Path]:
-    """Evaluate `target` (and the `ensemble` checkpoints with it); returns the result and its folder."""
-    if tta not in TTA_MODES:
-        raise UserError(f"--tta {tta}: expected one of {', '.join(TTA_MODES)}")
-    if img_size is not None and img_size < 8:
-        raise UserError(f"--img-size {img_size}: need at least 8")
-    device = resolve_device(device_name)
-    paths = [resolve_checkpoint(target, use_ema)] + [resolve_checkpoint(p, use_ema) for p in ensemble]
+AUTO = "auto"
+SIZE_FACTORS_PERCENT = (115, 130, 150)  # of the trained size: what `--img-size auto` tries besides it
+
+
+@dataclass
+class EvalSetup:
+    """What every evaluated size shares: the models, the validation images and the run's last stage."""
+
+    members: list[Member]
+    data: Path
+    index: ImageFolderIndex
+    data_cfg: DataConfig
+    batch_size: int
+    run_size: int  # the size the run validated at: the candidates of `auto` start from it
+    tta: str
+    precision: Precision
+    device: torch.device
+
+
+def check_img_size(value: int | str | None) -> int | str | None:
+    """`--img-size` as `run_eval` takes it: None (the trained size), "auto", or an integer >= 8; the
+    command line hands it over as text."""
+    if value is None or value == AUTO:
+        return value
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--img-size {value}: expected an integer >= 8 or {AUTO}") from None
+    if size < 8:
+        raise UserError(f"--img-size {value}: need at least 8")
+    return size
+
+
+def candidate_sizes(trained: int) -> list[int]:
+    """The sizes `--img-size auto` tries: the trained size as it is, and 1.15, 1.3 and 1.5 times it
+    rounded half up to a multiple of 8; increasing, without duplicates."""
+    # integer arithmetic: 24 * 1.5 / 8 is a tie (4.5) that must round up, not to even
+    scaled = {(trained * percent + 400) // 800 * 8 for percent in SIZE_FACTORS_PERCENT}
+    return sorted(scaled | {trained})
+
+
+def prepare(
+    paths: list[Path],
+    data: Path | None,
+    tta: str,
+    use_ema: bool,
+    batch_size: int | None,
+    workers: int | None,
+    device: torch.device,
+) -> EvalSetup:
+    """Load the checkpoints and check that `data` (default: the run's data.val) has their classes."""
     members = [load_member(p, device, use_ema) for p in paths]
     first = members[0]
     for m in members[1:]:
@@ -181,9 +216,7 @@ def run_eval(
     # the training data and the weights it started from may have moved since: not needed here
     raw["data"].update(train="demo", val="demo")
     raw["model"]["pretrained"] = None
-    cfg = parse_config(raw)
-    last = cfg.stages[-1]
-    size = img_size or last.img_size
+    last = parse_config(raw).stages[-1]
     field = "--data" if data is not None else f"data.val (from {first.path})"
     if data is None:
         data = demo_root() / "val" if val == "demo" else Path(val)
@@ -193,36 +226,107 @@ def run_eval(
             f"{field}: the class folders of {data} ({len(index.classes)}) are not the {len(first.classes)} classes "
             f"the checkpoint was trained on ({', '.join(first.classes[:5])}, ...)"
         )
-    data_cfg: DataConfig = replace(last.data, cache=None, workers=last.data.workers if workers is None else workers)
-    load_size = size
-    if tta == "flip+crops":  # corner crops come from the resized image before its centre crop
+    data_cfg = replace(last.data, cache=None, workers=last.data.workers if workers is None else workers)
+    precision = resolve_precision(last.train.amp, device)  # as the run validated
+    batch = batch_size or last.batch_size
+    # the size the run validated at: its last stage's val_size, else its training size
+    return EvalSetup(members, data, index, data_cfg, batch, last.val_size or last.img_size, tta, precision, device)
+
+
+def evaluate_at(setup: EvalSetup, size: int) -> dict[str, Any]:
+    """The metrics of the (averaged) models on the validation images at `size`."""
+    data_cfg, load_size = setup.data_cfg, size
+    if setup.tta == "flip+crops":  # corner crops come from the resized image before its centre crop
         load_size, data_cfg = math.floor(size / data_cfg.crop_pct), replace(data_cfg, crop_pct=1.0)
     loader = build_loader(
         data_cfg,
-        index,
+        setup.index,
         train=False,
         img_size=load_size,
-        batch_size=batch_size or last.batch_size,
-        device=device,
+        batch_size=setup.batch_size,
+        device=setup.device,
         seed=0,
     )
     try:
-        precision = resolve_precision(last.train.amp, device)  # as the run validated
-        probs, labels = predict([m.model for m in members], loader, tta, size, precision, device)
+        models = [m.model for m in setup.members]
+        probs, labels = predict(models, loader, setup.tta, size, setup.precision, setup.device)
     finally:
         loader.close()
+    return metrics(probs, labels, setup.members[0].classes)
+
+
+@torch.no_grad()
+def size_problem(setup: EvalSetup, size: int) -> str | None:
+    """Why a model cannot take `size` x `size` inputs (a ViT's fixed input, a window that does not
+    divide it), or None when all can."""
+    x = torch.zeros(1, 3, size, size, device=setup.device).contiguous(memory_format=torch.channels_last)
+    for m in setup.members:
+        try:
+            with setup.precision.autocast(setup.device):
+                m.model(x)
+        except (AssertionError, RuntimeError) as e:  # what timm's models raise on a size they cannot take
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return f"{m.path.name} cannot take it ({why})"
+    return None
+
+
+def search_sizes(setup: EvalSetup) -> tuple[dict[str, Any], int, list[dict[str, Any]]]:
+    """Evaluate at every candidate size the models can take; returns the metrics at the best (the
+    highest top-1, the smaller size on a tie), that size and a row per evaluated size."""
+    results: dict[int, dict[str, Any]] = {}
+    for size in candidate_sizes(setup.run_size):
+        problem = size_problem(setup, size)
+        if problem is not None:
+            print(f"warning: --img-size {AUTO}: skipping {size}px: {problem}", file=sys.stderr)
+            continue
+        results[size] = evaluate_at(setup, size)
+    if not results:
+        tried = ", ".join(map(str, candidate_sizes(setup.run_size)))
+        raise UserError(f"--img-size {AUTO}: the model takes none of the sizes {tried} (see the warnings above)")
+    best = max(results, key=lambda size: (results[size]["top1"], -size))
+    rows = [{"img_size": size, "top1": r["top1"], "top5": r["top5"]} for size, r in results.items()]
+    return results[best], best, rows
+
+
+def run_eval(
+    target: Path,
+    data: Path | None = None,
+    img_size: int | str | None = None,
+    tta: str = "none",
+    ensemble: list[Path] = (),
+    out: Path | None = None,
+    use_ema: bool = False,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    device_name: str = "auto",
+) -> tuple[dict[str, Any], Path]:
+    """Evaluate `target` (and the `ensemble` checkpoints with it) at `img_size` (default: the last
+    stage's; "auto": the best of `candidate_sizes`); returns the result and its folder."""
+    if tta not in TTA_MODES:
+        raise UserError(f"--tta {tta}: expected one of {', '.join(TTA_MODES)}")
+    img_size = check_img_size(img_size)
+    device = resolve_device(device_name)
+    paths = [resolve_checkpoint(target, use_ema)] + [resolve_checkpoint(p, use_ema) for p in ensemble]
+    setup = prepare(paths, data, tta, use_ema, batch_size, workers, device)
+    if img_size == AUTO:
+        scores, size, rows = search_sizes(setup)
+        searched = {"sizes": rows}
+    else:
+        size = img_size or setup.run_size
+        scores, searched = evaluate_at(setup, size), {}
     result = {
         "checkpoints": [str(p) for p in paths],
         "weights": "ema" if use_ema else "raw",
-        "data": str(data),
+        "data": str(setup.data),
         "img_size": size,
+        **searched,
         "tta": tta,
-        **metrics(probs, labels, first.classes),
+        **scores,
     }
     run_dir = paths[0].parent.parent if paths[0].parent.name == "checkpoints" else paths[0].parent
     out_dir = Path(out) if out is not None else run_dir / "eval"
     write_json(out_dir / "eval.json", result)
-    models = f"{len(members)} checkpoints" if len(members) > 1 else paths[0].name
+    models = f"{len(paths)} checkpoints" if len(paths) > 1 else paths[0].name
     title = f"{models}, {size}px, TTA {tta}: top-1 {result['top1']:.2f}%"
-    plot_confusion(result["confusion"], first.classes, out_dir / "confusion_matrix.png", title)
+    plot_confusion(result["confusion"], setup.members[0].classes, out_dir / "confusion_matrix.png", title)
     return result, out_dir

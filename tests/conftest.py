@@ -21,6 +21,7 @@ TINY_CONFIG = {
     "model": {"arch": "test_resnet"},
     "train": {
         "optimizer": {"name": "sgd", "lr": 0.05},
+        "schedule": {"scope": "stage"},  # a OneCycle per stage: what most tests check; scope run has its own
         "amp": "off",
         "compile": "off",
         "mixup": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0},

@@ -57,10 +57,17 @@ def test_loader_backends(tiny_config, tiny_data, write_yaml, tmp_path):
 
 
 def test_progressive_vs_fixed(tiny_config, write_yaml, tmp_path):
-    text = run_script("progressive_vs_fixed.py", write_yaml(tiny_config), "--out", tmp_path / "pvf")
-    report = json.loads((tmp_path / "pvf" / "progressive_vs_fixed.json").read_text())
-    sizes = {name: row["stage_sizes"] for name, row in report["runs"].items()}
-    assert sizes == {"progressive": [16, 24], "fixed 24px": [24, 24]} and "| progressive |" in text
+    tiny_config["stages"][0]["img_size"] = [16, 24]  # a ramp, so every variant differs
+    out = tmp_path / "pvf"
+    text = run_script("progressive_vs_fixed.py", write_yaml(tiny_config), "--seeds", "0,1", "--out", out)
+    report = json.loads((out / "progressive_vs_fixed.json").read_text())
+    rows = report["variants"]
+    assert list(rows) == ["fixed", "progressive", "steps", "scope-flip", "bn-flip"]
+    assert rows["fixed"]["stage_sizes"] == [24, 24] and rows["steps"]["stage_sizes"] == [16, 24, 24]
+    assert all(len(r["final_top1"]) == 2 for r in rows.values())  # one run per seed
+    assert report["target_top1"] == pytest.approx(sum(rows["fixed"]["final_top1"]) / 2 - 0.5)
+    assert [s[:2] for s in rows["progressive"]["switches"][0]] == [[16, 24]]  # 16 -> 24 inside the ramp
+    assert "| fixed |" in text and (out / "compare_time.png").is_file()
 
 
 def test_finetune_compare(tiny_config, write_yaml, tmp_path):

@@ -15,11 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_default_stages_file_parses():
     cfg = load_config(ROOT / "stages.yaml")
-    assert [(s.img_size, s.batch_size, s.epochs) for s in cfg.stages] == [(32, 64, 3), (48, 64, 3), (64, 64, 2)]
+    stages = [(s.start_size, s.img_size, s.batch_size, s.epochs) for s in cfg.stages]
+    assert stages == [(32, 64, 64, 6), (None, 64, 64, 2)]  # a 32 -> 64 px ramp, then 64 px
     assert cfg.data.train == "demo" and cfg.model.arch == "resnet18"
     assert cfg.train.optimizer.name == "sgd" and cfg.train.optimizer.nesterov is True
+    assert cfg.train.schedule.scope == "run" and cfg.train.bn_reestimate == 0  # the benchmark's winners
     assert cfg.train.mixup is not None and cfg.train.mixup.cutmix_alpha == 1.0
-    assert cfg.stages[2].train.mixup is None  # `mixup: off` in the last stage
+    assert cfg.stages[1].train.mixup is None  # `mixup: off` in the last stage
     assert cfg.stages[0].train.mixup == cfg.train.mixup
 
 

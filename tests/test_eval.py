@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import timm
 import torch
 
+from pipeline import evaluate
 from pipeline.cli import main
 from pipeline.config import parse_config
-from pipeline.evaluate import metrics, predict, tta_views
+from pipeline.evaluate import candidate_sizes, metrics, predict, tta_views
 from pipeline.train.run import run_training
 from pipeline.train.step import Precision
 
@@ -119,10 +121,73 @@ def test_eval_cli_tta_ensemble_and_ema(tiny_run, tmp_path):
     assert result["samples"] == 20 and result["img_size"] == 24
 
 
+def test_candidate_sizes_round_half_up_to_multiples_of_8():
+    assert candidate_sizes(24) == [24, 32, 40]  # 27.6 -> 24 (the trained size again), 36 -> 40 (a tie, up)
+    assert candidate_sizes(100) == [100, 112, 128, 152]  # the trained size is kept even off the grid of 8
+    assert candidate_sizes(160) == [160, 184, 208, 240]
+    assert candidate_sizes(224) == [224, 256, 288, 336]
+
+
+def test_search_sizes_keeps_the_best_and_the_smaller_size_on_a_tie(monkeypatch):
+    top1 = {24: 50.0, 32: 70.0, 40: 70.0}
+    monkeypatch.setattr(evaluate, "size_problem", lambda setup, size: None)
+    monkeypatch.setattr(evaluate, "evaluate_at", lambda setup, size: {"top1": top1[size], "top5": 90.0, "at": size})
+    scores, size, rows = evaluate.search_sizes(SimpleNamespace(run_size=24))
+    assert size == 32 and scores["at"] == 32  # the metrics written are those of the chosen size
+    assert rows == [{"img_size": s, "top1": t, "top5": 90.0} for s, t in top1.items()]
+
+
+def eval_json(run, out, *extra):
+    assert main(["eval", str(run), "--out", str(out), *extra]) == 0
+    return json.loads((out / "eval.json").read_text())
+
+
+def test_eval_img_size_auto_reports_the_best_candidate(tiny_run, tmp_path, capsys):
+    checkpoint = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
+    trained = checkpoint["config"]["stages"][-1]["img_size"]  # S, as eval reads it
+    expected = sorted({trained} | {8 * math.floor(trained * f / 8 + 0.5) for f in (1.15, 1.3, 1.5)})
+    result = eval_json(tiny_run, tmp_path / "auto", "--img-size", "auto")
+    out = capsys.readouterr().out
+    assert [row["img_size"] for row in result["sizes"]] == expected
+    best = max(result["sizes"], key=lambda row: (row["top1"], -row["img_size"]))
+    assert result["img_size"] == best["img_size"] and result["top1"] == best["top1"]
+    assert f"chosen: {best['img_size']}px" in out
+    for row in result["sizes"]:  # each candidate is what a plain eval at that size measures
+        assert f"{row['img_size']:>4}px: top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%" in out
+        plain = eval_json(tiny_run, tmp_path / str(row["img_size"]), "--img-size", str(row["img_size"]))
+        assert "sizes" not in plain and (plain["top1"], plain["top5"]) == (row["top1"], row["top5"])
+        if row is best:
+            assert plain["confusion"] == result["confusion"] and plain["per_class"] == result["per_class"]
+
+
+def vit_checkpoint(tiny_run, tmp_path, arch):
+    """tiny_run's last checkpoint with the (untrained) weights of a timm ViT in place of its ResNet."""
+    state = torch.load(tiny_run / "checkpoints" / "last.pt", weights_only=True)
+    state.update(arch=arch, state_dict=timm.create_model(arch, num_classes=10).state_dict(), state_dict_ema=None)
+    torch.save(state, tmp_path / f"{arch}.pt")
+    return tmp_path / f"{arch}.pt"
+
+
+def test_eval_img_size_auto_skips_sizes_the_model_cannot_take(tiny_run, tmp_path, capsys):
+    # test_vit takes multiples of its 16-px patch only: of 24, 32 and 40, just 32
+    result = eval_json(vit_checkpoint(tiny_run, tmp_path, "test_vit"), tmp_path / "out", "--img-size", "auto")
+    assert [row["img_size"] for row in result["sizes"]] == [32] and result["img_size"] == 32
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 2
+    for line, size in zip(warnings, (24, 40)):
+        assert line.startswith(f"warning: --img-size auto: skipping {size}px: test_vit.pt cannot take it (")
+        assert "divisible by patch size" in line
+    # test_vit3 takes 160 px only: no candidate is left
+    assert main(["eval", str(vit_checkpoint(tiny_run, tmp_path, "test_vit3")), "--img-size", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and err[-1].startswith("error: --img-size auto: the model takes none of the sizes 24, 32, 40")
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
         (["--img-size", "4"], "--img-size 4: need at least 8"),
+        (["--img-size", "banana"], "--img-size banana: expected an integer >= 8 or auto"),
         (["--ensemble", "nowhere.pt"], "nowhere.pt: no such run folder or checkpoint"),
     ],
 )

@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline import distributed
 from pipeline.data import Loader
 from pipeline.distributed import World
 from pipeline.errors import UserError
 from pipeline.report import MetricsLog, epoch_bar
-from pipeline.train.checkpoint import set_rng_state
+from pipeline.train.checkpoint import rng_state, set_rng_state
 from pipeline.train.schedule import current_lr_momentum
 from pipeline.train.signals import StopSignals
 from pipeline.train.step import Precision, TrainStep, keep_modes
@@ -205,3 +206,36 @@ def evaluate(net: torch.nn.Module, loader: Loader, precision: Precision, device:
         "top5": round(100.0 * correct5 / count, 3),
         "samples": count,
     }
+
+
+@torch.no_grad()
+def reestimate_bn(
+    model: torch.nn.Module, batches: Iterable, images: int, precision: Precision, device: torch.device
+) -> int:
+    """Measure the BatchNorm running statistics afresh on about `images` training images: reset, then
+    a cumulative average over the batches, forward only, in train mode. Only the statistics change:
+    weights, other buffers, frozen BatchNorm layers (in eval mode) and the RNGs are left as they were.
+    Returns the images used."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    counts = [m.num_batches_tracked.clone() for m in norms]
+    rng = rng_state()
+    seen = 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over every batch, not an exponential one
+        for x, _ in batches:
+            with precision.autocast(device):
+                model(x)
+            seen += x.shape[0]
+            if seen >= images:
+                break
+    finally:
+        for m, momentum, count in zip(norms, momenta, counts):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+        set_rng_state(rng)
+    return seen

@@ -5,6 +5,7 @@ The schedule, the run's progress and ETA, resume checks and run folders all read
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,14 +22,26 @@ def train_batch_size(stage: StageSpec, world_size: int = 1) -> int:
     return batch
 
 
+RAMP_MULTIPLE = 8  # a ramp's sizes are multiples of it: few distinct sizes, so few compiled graphs
+
+
 def image_size(stage: StageSpec, epoch: int) -> int:
-    """The resolution schedule: the training input size of epoch `epoch` of `stage`."""
-    return stage.img_size
+    """The resolution schedule: the training size of epoch `epoch` of `stage`. A stage's `img_size`;
+    on a ramp (`img_size: [start, end]`) a straight line from `start` at its first epoch to `end` at
+    its last, the sizes between rounded to a multiple of RAMP_MULTIPLE (as FFCV's `get_resolution`)."""
+    last = stage.epochs - 1
+    if stage.start_size is None or epoch >= last:
+        return stage.img_size
+    if epoch <= 0:
+        return stage.start_size
+    size = stage.start_size + (stage.img_size - stage.start_size) * epoch / last
+    return min(stage.img_size, max(stage.start_size, RAMP_MULTIPLE * round(size / RAMP_MULTIPLE)))
 
 
 def validation_size(stage: StageSpec, epoch: int) -> int:
-    """The input size validation runs at after epoch `epoch` of `stage`."""
-    return image_size(stage, epoch)
+    """The input size validation runs at after epoch `epoch` of `stage`: its `val_size`, else the
+    epoch's training size."""
+    return stage.val_size or image_size(stage, epoch)
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,7 @@ class EpochPlan:
     val_size: int
     batch_size: int  # the stage's global batch
     batch_per_process: int
+    val_batch_per_process: int
     batches: int  # training batches per process (the last partial batch is dropped)
     updates: int  # optimizer updates: batches / accum_steps, rounded up
     images: int
@@ -65,8 +79,24 @@ class RunPlan:
         return next(e for e in self.epochs if (e.stage, e.epoch) == (k, epoch))
 
     def stage_updates(self, k: int) -> int:
-        """Optimizer updates of stage `k`: the length of its schedule."""
+        """Optimizer updates of stage `k`: the length of its own schedule."""
         return sum(e.updates for e in self.of_stage(k))
+
+    def updates_before(self, k: int) -> int:
+        """Optimizer updates of the stages before stage `k`: where it starts in a run-wide schedule."""
+        return sum(e.updates for e in self.epochs if e.stage < k)
+
+    def previous(self, k: int, epoch: int) -> EpochPlan | None:
+        """The epoch trained just before epoch `epoch` of stage `k` (None: it is the run's first)."""
+        i = self.epochs.index(self.epoch(k, epoch))
+        return self.epochs[i - 1] if i > 0 else None
+
+    def compiled_shapes(self) -> int:
+        """Distinct input shapes the model meets: each is one compiled graph (training and evaluation
+        graphs apart)."""
+        train = {(e.img_size, e.batch_per_process) for e in self.epochs}
+        val = {(e.val_size, e.val_batch_per_process) for e in self.epochs}
+        return len(train) + len(val)
 
     @property
     def total_updates(self) -> int:
@@ -81,6 +111,13 @@ class RunPlan:
             current = self.epoch(k, epoch)
             done += current.work * batches_done / max(current.batches, 1)
         return done / total if total else 1.0
+
+    def status(self, k: int, epoch: int, batches_done: int, elapsed: float) -> str:
+        """The run's share done and the time it should still take, at the pace of the `elapsed`
+        seconds so far: `37%, 2 min 10 s left`."""
+        done = self.fraction_done(k, epoch, batches_done)
+        left = f", {format_duration(elapsed * (1 - done) / done)} left" if done > 0 else ""
+        return f"{math.floor(100 * done)}%{left}"
 
     def records(self) -> list[dict[str, Any]]:
         """One mapping per epoch (plan.json, checkpoints)."""
@@ -104,6 +141,7 @@ def plan_run(stages: list[StageSpec], train_size: int, world_size: int = 1) -> R
                     val_size=validation_size(stage, epoch),
                     batch_size=stage.batch_size,
                     batch_per_process=batch,
+                    val_batch_per_process=stage.batch_size // world_size,
                     batches=batches,
                     updates=TrainStep.steps_per_epoch(batches, stage.train.accum_steps),
                     images=batches * batch * world_size,

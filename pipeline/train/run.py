@@ -6,7 +6,6 @@ Each epoch trains, validates, and checkpoints (last.pt, best.pt; stageK.pt when 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 import time
@@ -25,22 +24,17 @@ from pipeline.distributed import World
 from pipeline.files import write_json, write_text
 from pipeline.model import build_model, param_groups
 from pipeline.report import MetricsLog, format_summary, plot_run
-from pipeline.train.checkpoint import (
-    Checkpoint,
-    Checkpointer,
-    Progress,
-    derive_seed,
-    rng_state,
-    seed_everything,
-)
-from pipeline.train.loop import EpochResult, LoopSettings, evaluate, train_epoch
-from pipeline.train.plan import RunPlan, format_duration, plan_run
+from pipeline.train.checkpoint import Checkpoint, Checkpointer, Progress, derive_seed, rng_state, seed_everything
+from pipeline.train.loop import EpochResult, LoopSettings, evaluate, reestimate_bn, train_epoch
+from pipeline.train.plan import EpochPlan, RunPlan, plan_run
 from pipeline.train.preflight import check_groups, check_input_sizes, check_resume, prepare
 from pipeline.train.range_test import lr_for_run
 from pipeline.train.rundir import new_run_dir
 from pipeline.train.signals import StopSignals
 from pipeline.train.stage import RunContext, StageParts, build_stage
 from pipeline.train.step import WeightEma
+
+BN_PASSES = 2 * 10**6  # loader epochs of BatchNorm re-estimation: apart from the run's and the range test's
 
 
 @dataclass
@@ -135,6 +129,8 @@ class Trainer:
         self.ctx, self.plan, self.loop, self.checkpoints, self.hooks = ctx, plan, loop, checkpoints, hooks
         self.cfg, self.run_dir = ctx.cfg, loop.run_dir
         self._mark = time.perf_counter()
+        # one compiled graph per input shape the plan has: keep them all (past the limit: eager)
+        torch._dynamo.config.recompile_limit = max(8, plan.compiled_shapes() + 2)
 
     def run(self, progress: Progress, checkpoint: Checkpoint | None) -> None:
         run_start = self._mark = time.perf_counter()
@@ -175,7 +171,10 @@ class Trainer:
 
     def train_one_epoch(self, parts: StageParts, progress: Progress, epoch: int, resume: Checkpoint | None):
         k, start, rng = parts.index, progress.batch, None
+        planned = self.plan.epoch(k, epoch)
+        parts.fit_sizes(self.ctx, planned.img_size, planned.val_size)
         if start == 0:
+            self.reestimate_bn(parts, planned)
             seed_everything(derive_seed(parts.seed, epoch))  # Mixup draws; resumed epochs repeat exactly
         else:  # resumed mid-epoch: the RNGs as they were when the checkpoint was taken
             rng = resume.rng
@@ -198,19 +197,26 @@ class Trainer:
             parts.optimizer,
             stage=k,
             epoch=epoch,
-            label=f"stage {k} {parts.stage.img_size}px epoch {epoch + 1}/{parts.stage.epochs}",
+            label=f"stage {k} {planned.img_size}px epoch {epoch + 1}/{parts.stage.epochs}",
             start=start,
             partial=progress.partial,
             rng=rng,
             save_mid_epoch=save_mid_epoch,
-            run_status=lambda batches_done: self.status(k, epoch, batches_done, progress),
+            run_status=lambda done: self.plan.status(k, epoch, done, self.tick(progress)),
         )
-        planned = self.plan.epoch(k, epoch).updates - start // parts.train_cfg.accum_steps
+        expected = planned.updates - start // parts.train_cfg.accum_steps
         updates = train_step.optimizer_steps - updates_before
-        if updates != planned:  # the schedule's length came from the plan: a mismatch is a bug
-            raise RuntimeError(f"stage {k} epoch {epoch}: {updates} optimizer updates, the plan has {planned}")
+        if updates != expected:  # the schedule's length came from the plan: a mismatch is a bug
+            raise RuntimeError(f"stage {k} epoch {epoch}: {updates} optimizer updates, the plan has {expected}")
         progress.batch, progress.partial = 0, {}
         return result
+
+    def reestimate_bn(self, parts: StageParts, planned: EpochPlan) -> None:
+        """`bn_reestimate`: BatchNorm statistics measured at the new size when the training size changes."""
+        previous, images = self.plan.previous(parts.index, planned.epoch), parts.train_cfg.bn_reestimate
+        if images and previous is not None and previous.img_size != planned.img_size:
+            parts.train_loader.set_epoch(BN_PASSES + self.plan.epochs.index(planned))  # draws apart from the epochs'
+            reestimate_bn(self.ctx.model, parts.train_loader, images, parts.train_step.precision, self.ctx.device)
 
     def end_epoch(self, parts: StageParts, progress: Progress, epoch: int, result: EpochResult) -> None:
         """Validate, record, report and checkpoint a finished epoch; stop here if asked to."""
@@ -241,6 +247,7 @@ class Trainer:
             "stage": parts.index,
             "epoch": epoch,
             "img_size": self.plan.epoch(parts.index, epoch).img_size,
+            "val_size": self.plan.epoch(parts.index, epoch).val_size,
             "train_loss": result.loss,
             "train_seconds": round(result.seconds, 3),
             "train_images_per_s": round(result.images / result.seconds, 1),
@@ -282,13 +289,6 @@ class Trainer:
             rng=rng_state(),
             plan=self.plan.records(),
         )
-
-    def status(self, k: int, epoch: int, batches_done: int, progress: Progress) -> str:
-        """The run's share done and the time it should still take, by the plan's work."""
-        done = self.plan.fraction_done(k, epoch, batches_done)
-        elapsed = progress.elapsed + time.perf_counter() - self._mark
-        left = f", {format_duration(elapsed * (1 - done) / done)} left" if done > 0 else ""
-        return f"{math.floor(100 * done)}%{left}"
 
     def tick(self, progress: Progress) -> float:
         """Add the wall time since the last call to `progress.elapsed` (which checkpoints carry)."""

@@ -7,6 +7,7 @@ its `lr_scale` (layer decay x `lr_mult`), and every schedule scales each group f
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -31,17 +32,22 @@ def build_optimizer(model_or_groups: torch.nn.Module | list[dict], cfg: Optimize
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int | None = None
+    optimizer: torch.optim.Optimizer,
+    cfg: ScheduleConfig,
+    total_steps: int,
+    steps_per_epoch: int | None = None,
+    offset: int = 0,
 ) -> LRScheduler:
-    """The stage's schedule over exactly `total_steps` optimizer steps (`steps_per_epoch` of them an
-    epoch: the unit of warm-up, milestones and cycles); each group peaks at its own LR."""
+    """A schedule over exactly `total_steps` optimizer steps (`steps_per_epoch` of them an epoch: the
+    unit of warm-up, milestones and cycles) that starts at step `offset` of them: a stage's part of a
+    run-wide curve (0: the curve's start, a stage's own schedule). Each group peaks at its own LR."""
     total = total_steps
     if cfg.name == "onecycle":
         defaults = optimizer.defaults
         pct_start = cfg.pct_start
         if total >= 2:  # a warm-up under two steps divides by zero inside OneCycleLR
             pct_start = max(pct_start, min(0.75, 2 / total))
-        return OneCycleLR(
+        scheduler = OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
             total_steps=total,
@@ -52,7 +58,13 @@ def build_scheduler(
             base_momentum=cfg.base_momentum,
             max_momentum=cfg.max_momentum,
         )
-    return LambdaLR(optimizer, LRFactor(cfg, total, steps_per_epoch or total))
+        if offset:  # go to step `offset` of the curve: LR and momentum as they are there
+            scheduler.last_epoch = offset - 1
+            with warnings.catch_warnings():  # torch warns of a first step() before optimizer.step(); none ran
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                scheduler.step()
+        return scheduler
+    return LambdaLR(optimizer, LRFactor(cfg, total, steps_per_epoch or total, offset))
 
 
 class LRFactor:
@@ -60,8 +72,8 @@ class LRFactor:
     a linear warm-up, then cosine (with restarts), exponential, multistep, cyclic or constant.
     A plain object, so LambdaLR's state_dict carries it into checkpoints."""
 
-    def __init__(self, cfg: ScheduleConfig, total: int, per_epoch: int):
-        self.name = cfg.name
+    def __init__(self, cfg: ScheduleConfig, total: int, per_epoch: int, offset: int = 0):
+        self.name, self.offset = cfg.name, offset
         self.per_epoch, self.total = per_epoch, total
         epochs = total / per_epoch
         self.warmup = min(round(cfg.warmup_epochs * per_epoch), max(total - 1, 0))
@@ -75,6 +87,7 @@ class LRFactor:
         self.cycle_steps = max(2, round(cycle * per_epoch))
 
     def __call__(self, step: int) -> float:
+        step += self.offset  # where this stage starts on a run-wide curve
         if step < self.warmup:
             return self.warmup_factor + (1 - self.warmup_factor) * step / self.warmup
         t = step - self.warmup  # steps after the warm-up

@@ -59,10 +59,6 @@ class RunContext:
     ema: WeightEma | None = None  # made by the first stage with `ema`
     compiled: CompiledModel = field(default_factory=CompiledModel)
 
-    def __post_init__(self):
-        # Each stage compiles one training and one evaluation graph; keep them all cached.
-        torch._dynamo.config.recompile_limit = max(8, 2 * len(self.cfg.stages) + 2)
-
 
 @dataclass
 class StageParts:
@@ -82,6 +78,19 @@ class StageParts:
     train_loader: Loader | None
     val_loader: Loader | None
     compiled: bool
+    sizes: tuple[int, int] = (0, 0)  # what the loaders deliver now: (training, validation) input size
+
+    def fit_sizes(self, ctx: RunContext, train_size: int, val_size: int) -> None:
+        """New loaders for the sizes they change to (a ramp's next step, validation at its own size)."""
+        if self.train_loader is not None and train_size != self.sizes[0]:
+            self.train_loader.close()
+            self.train_loader = None  # a failed build below leaves nothing half-closed behind
+            self.train_loader = stage_loader(ctx, self.stage, self.seed, train=True, size=train_size)
+        if self.val_loader is not None and val_size != self.sizes[1]:
+            self.val_loader.close()
+            self.val_loader = None
+            self.val_loader = stage_loader(ctx, self.stage, self.seed, train=False, size=val_size)
+        self.sizes = (train_size, val_size)
 
     def close(self) -> None:
         for loader in (self.train_loader, self.val_loader):
@@ -99,8 +108,11 @@ class StageParts:
         stage, tc, train_step = self.stage, self.train_cfg, self.train_step
         per_process = train_batch_size(stage, world.world_size)
         batches = len(self.train_loader) if self.train_loader is not None else 0
+        sizes = f"{stage.start_size}->{stage.img_size}px" if stage.start_size else f"{stage.img_size}px"
+        if stage.val_size:
+            sizes += f" (validation {stage.val_size}px)"
         return (
-            f"stage {self.index}: {stage.img_size}px, batch {per_process * world.world_size}"
+            f"stage {self.index}: {sizes}, batch {per_process * world.world_size}"
             + (f" ({per_process} per process)" if world.distributed else "")
             + f", {stage.epochs} epochs x {batches} steps; amp {train_step.precision.name}, "
             f"compile {'on' if self.compiled else 'off'}, mixup {'on' if train_step.mixup else 'off'}; "
@@ -169,14 +181,14 @@ def build_stage(
             train_loader=train_loader,
             val_loader=val_loader,
             compiled=net is not model,
+            sizes=(image_size(stage, 0), validation_size(stage, 0)),
         )
         if find and choose_lr is not None:
             lr = choose_lr(parts)
             for group in optimizer.param_groups:
                 group["lr"] *= lr  # the placeholder 1.0 kept each group's ratio
         if plan is not None:
-            per_epoch = [e.updates for e in plan.of_stage(k)]
-            parts.scheduler = build_scheduler(optimizer, tc.schedule, sum(per_epoch), per_epoch[0])
+            parts.scheduler = build_scheduler(optimizer, tc.schedule, *schedule_span(plan, k, tc.schedule.scope))
         parts.train_step = build_train_step(train_net, optimizer, parts.scheduler, tc, device, ctx.num_classes, ema=ema)
         return parts
     except BaseException:
@@ -186,32 +198,44 @@ def build_stage(
         raise
 
 
-def _loaders(ctx: RunContext, stage: StageSpec, seed: int, validation: bool) -> tuple[Loader | None, Loader | None]:
-    """The stage's training loader (this process's shard of its global batch) and validation loader."""
-    if ctx.datasets is None:
-        return None, None
+def schedule_span(plan: RunPlan, k: int, scope: str) -> tuple[int, int, int]:
+    """(total updates, updates per epoch, where stage `k` starts) of the curve its schedule follows:
+    the stage's own, or with `scope: run` one over the whole run (its epoch: the run's mean)."""
+    if scope == "run":
+        return plan.total_updates, max(1, round(plan.total_updates / len(plan.epochs))), plan.updates_before(k)
+    per_epoch = [e.updates for e in plan.of_stage(k)]
+    return sum(per_epoch), per_epoch[0], 0
+
+
+def stage_loader(ctx: RunContext, stage: StageSpec, seed: int, *, train: bool, size: int) -> Loader:
+    """The stage's training loader (this process's shard of its global batch) or validation loader."""
     world = ctx.world
-    shard = dict(
+    return build_loader(
+        stage.data,
+        ctx.datasets.train if train else ctx.datasets.val,
+        train=train,
+        img_size=size,
+        batch_size=train_batch_size(stage, world.world_size) if train else stage.batch_size // world.world_size,
         device=ctx.device,
         seed=seed,
         channels_last=stage.train.channels_last,
         rank=world.rank,
         world_size=world.world_size,
     )
-    train_size, val_size = image_size(stage, 0), validation_size(stage, 0)
-    train_batch = train_batch_size(stage, world.world_size)
-    train = build_loader(
-        stage.data, ctx.datasets.train, train=True, img_size=train_size, batch_size=train_batch, **shard
-    )
+
+
+def _loaders(ctx: RunContext, stage: StageSpec, seed: int, validation: bool) -> tuple[Loader | None, Loader | None]:
+    """The loaders a stage starts with, at its first epoch's sizes."""
+    if ctx.datasets is None:
+        return None, None
+    train = stage_loader(ctx, stage, seed, train=True, size=image_size(stage, 0))
     if not validation:
         return train, None
-    val_batch = stage.batch_size // world.world_size
     try:
-        val = build_loader(stage.data, ctx.datasets.val, train=False, img_size=val_size, batch_size=val_batch, **shard)
+        return train, stage_loader(ctx, stage, seed, train=False, size=validation_size(stage, 0))
     except BaseException:
         train.close()
         raise
-    return train, val
 
 
 def _networks(ctx: RunContext, stage: StageSpec, freeze: FreezePlan) -> tuple[torch.nn.Module, torch.nn.Module]:
