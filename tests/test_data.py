@@ -230,3 +230,15 @@ def test_demo_dataset_is_an_image_folder_and_tool_writes_it(tmp_path):
     assert read_image(index.samples[0][0]).shape == (3, 48, 48)
     again = subprocess.run([sys.executable, str(tool), str(out)], capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_the_digits_task_is_ten_glyph_classes(tmp_path):
+    from pipeline.data.demo import make_demo_dataset
+
+    root = make_demo_dataset(tmp_path / "digits", n_train=20, n_val=10, size=32, task="digits")
+    train = scan_image_folder(root / "train", "data.train")
+    assert train.classes == [str(d) for d in range(10)] and len(train.samples) == 20
+    images = [np.asarray(Image.open(p)) for p, _ in train.samples]
+    assert all(img.shape == (32, 32, 3) for img in images)
+    assert len({img.tobytes() for img in images}) == 20  # every image drawn anew
+    assert len(scan_image_folder(root / "val", "data.val").samples) == 10

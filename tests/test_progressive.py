@@ -75,17 +75,22 @@ def test_a_run_wide_schedule_refuses_a_stage_schedule(tiny_config, write_yaml, c
     assert "stages.1.schedule: with train.schedule.scope: run one schedule spans every stage" in capsys.readouterr().err
 
 
+def lrs_over(optimizer: torch.optim.Optimizer, scheduler, steps: int) -> list[float]:
+    """The LR of each of `steps` optimizer steps, as the run logs it (before the step)."""
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
 def onecycle_curve(total: int, peak: float, pct_start: float = 0.25) -> list[float]:
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak, momentum=0.9)
     scheduler = OneCycleLR(
         optimizer, max_lr=peak, total_steps=total, pct_start=pct_start, div_factor=25, final_div_factor=1e4
     )
-    lrs = []
-    for _ in range(total):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return lrs
+    return lrs_over(optimizer, scheduler, total)
 
 
 def test_a_run_wide_onecycle_spans_every_stage_whatever_its_batch(tiny_config, tmp_path):
@@ -116,12 +121,7 @@ def test_a_run_wide_curve_continues_across_the_boundary(name):
     def lrs(total, offset, steps):
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = build_scheduler(optimizer, ScheduleConfig(name=name, warmup_epochs=1), total, 4, offset)
-        out = []
-        for _ in range(steps):
-            out.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-        return out
+        return lrs_over(optimizer, scheduler, steps)
 
     whole = lrs(20, 0, 20)
     assert lrs(20, 0, 8) + lrs(20, 8, 12) == pytest.approx(whole)

@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=1000, help="validation images")
     parser.add_argument("--size", type=int, default=96, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--task", choices=["shape_texture", "shapes", "digits"], default="shape_texture", help="which labels"
+    )
     args = parser.parse_args(argv)
     if args.out.exists():
         print(f"error: {args.out} already exists; choose a new folder", file=sys.stderr)
@@ -28,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.train, args.val) < len(CLASSES) or args.size < 16:
         print(f"error: need at least {len(CLASSES)} images per split and --size >= 16", file=sys.stderr)
         return 2
-    make_demo_dataset(args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed)
-    print(f"wrote {args.train} train / {args.val} val images of {len(CLASSES)} classes to {args.out}")
+    make_demo_dataset(args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed, task=args.task)
+    print(f"wrote {args.train} train / {args.val} val images ({args.task}) to {args.out}")
     sets = f"--set data.train={args.out}/train --set data.val={args.out}/val"
     print(f"train on it with: python -m pipeline run stages.yaml {sets}")
     return 0

@@ -3,7 +3,8 @@
 A class is a coarse shape (5 kinds) times the orientation of a stripe texture (2 kinds), as photos
 hold coarse and fine cues: a 32 px view shows the shape and, faintly, the stripes (8 px apart at the
 native 96 px, 2.7 px at 32 px); more pixels make the stripes plain. The `shapes` task labels the
-same kind of images by shape alone: a second dataset to fine-tune on.
+same kind of images by shape alone: a second dataset to fine-tune on. The `digits` task is of
+another kind: a rotated digit glyph on a cluttered background, 10 classes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 TEXTURES = ("hstripes", "vstripes")
 CLASSES = [f"{s}_{t}" for s in SHAPES for t in TEXTURES]
+DIGITS = [str(d) for d in range(10)]
 DEMO_VERSION = 3
 STRIPE_PERIOD = 8  # pixels at the native size: resolved at a third of it, plain from a half up
 
@@ -40,22 +42,27 @@ def make_demo_dataset(
     root: Path, n_train: int, n_val: int, size: int = 96, seed: int = 0, task: str = "shape_texture"
 ) -> Path:
     """Write `root/train` and `root/val` as JPEG ImageFolders; atomic (built aside, then renamed).
-    `task`: shape_texture (10 classes) or shapes (5 classes, the texture left to chance)."""
-    if task not in ("shape_texture", "shapes"):
+    `task`: shape_texture (10 classes), shapes (5 classes, the texture left to chance) or digits."""
+    if task not in ("shape_texture", "shapes", "digits"):
         raise ValueError(task)
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
     try:
         rng = np.random.default_rng(seed)
-        classes = CLASSES if task == "shape_texture" else list(SHAPES)
+        classes = {"shape_texture": CLASSES, "shapes": list(SHAPES), "digits": DIGITS}[task]
         for split, n in (("train", n_train), ("val", n_val)):
             for c in classes:
                 (tmp / split / c).mkdir(parents=True)
             for i in range(n):
-                label = i % len(CLASSES) if task == "shape_texture" else (i % len(SHAPES)) * 2 + int(rng.integers(2))
-                img = draw_sample(label, size, rng)
-                folder = classes[label] if task == "shape_texture" else SHAPES[label // 2]
+                if task == "digits":
+                    folder, img = DIGITS[i % 10], draw_digit(i % 10, size, rng)
+                else:
+                    label = (
+                        i % len(CLASSES) if task == "shape_texture" else (i % len(SHAPES)) * 2 + int(rng.integers(2))
+                    )
+                    img = draw_sample(label, size, rng)
+                    folder = classes[label] if task == "shape_texture" else SHAPES[label // 2]
                 Image.fromarray(img).save(tmp / split / folder / f"{i:05d}.jpg", quality=92)
         if root.exists():  # another process finished first
             shutil.rmtree(tmp)
@@ -81,6 +88,32 @@ def draw_sample(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     fill = np.where(stripes[..., None], rng.uniform(0, 60, 3), rng.uniform(195, 255, 3))
     img = np.where(mask[..., None], fill, img) + rng.normal(0, 4, (size, size, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def draw_digit(digit: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One HxWx3 uint8 image of the digit: a glyph of random size, place, angle and colour over a
+    background of random strokes and ellipses (clutter that a small view blurs into the glyph)."""
+    background = tuple(int(v) for v in rng.uniform(60, 230, 3))
+    img = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 7))):
+        x0, y0, x1, y1 = (float(v) for v in rng.uniform(0, size, 4))
+        colour = tuple(int(v) for v in rng.uniform(0, 255, 3))
+        if rng.random() < 0.5:
+            draw.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(1, 3)))
+        else:
+            draw.ellipse((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), outline=colour)
+    glyph = Image.new("L", (size, size), 0)
+    font = ImageFont.load_default(size=max(8, int(size * rng.uniform(0.45, 0.7))))
+    left, top, right, bottom = ImageDraw.Draw(glyph).textbbox((0, 0), str(digit), font=font)
+    x = rng.uniform(-left, max(-left, size - right))
+    y = rng.uniform(-top, max(-top, size - bottom))
+    ImageDraw.Draw(glyph).text((x, y), str(digit), font=font, fill=255)
+    glyph = glyph.rotate(float(rng.uniform(-25, 25)), resample=Image.BILINEAR, center=(size / 2, size / 2))
+    ink = Image.new("RGB", (size, size), tuple(int(255 - v) for v in background))  # contrasts with the ground
+    img.paste(ink, (0, 0), glyph)
+    out = np.asarray(img, dtype=np.float32) + rng.normal(0, 6, (size, size, 3))
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
