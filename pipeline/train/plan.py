@@ -105,11 +105,10 @@ class RunPlan:
     def fraction_done(self, k: int, epoch: int, batches_done: int = 0) -> float:
         """The share of the run's work done once `batches_done` batches of epoch `epoch` of stage `k`
         (and everything before it) are trained."""
+        current = self.epoch(k, epoch)
         total = sum(e.work for e in self.epochs)
         done = sum(e.work for e in self.epochs if (e.stage, e.epoch) < (k, epoch))
-        if (k, epoch) in {(e.stage, e.epoch) for e in self.epochs}:
-            current = self.epoch(k, epoch)
-            done += current.work * batches_done / max(current.batches, 1)
+        done += current.work * batches_done / max(current.batches, 1)
         return done / total if total else 1.0
 
     def status(self, k: int, epoch: int, batches_done: int, elapsed: float) -> str:

@@ -242,12 +242,13 @@ class Trainer:
 
     def report_epoch(self, parts: StageParts, progress: Progress, epoch: int, result: EpochResult, val, val_ema):
         """The epoch's metrics record, the refreshed plots and the epoch line."""
+        planned = self.plan.epoch(parts.index, epoch)
         record = {
             "kind": "epoch",
             "stage": parts.index,
             "epoch": epoch,
-            "img_size": self.plan.epoch(parts.index, epoch).img_size,
-            "val_size": self.plan.epoch(parts.index, epoch).val_size,
+            "img_size": planned.img_size,
+            "val_size": planned.val_size,
             "train_loss": result.loss,
             "train_seconds": round(result.seconds, 3),
             "train_images_per_s": round(result.images / result.seconds, 1),
