@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in RUN_DIR from checkpoints/last.pt (its config.yaml is used); auto: the newest "
         "run of FILE's run.name in its out_dir, or a new run if there is none",
     )
+    add_budget(run)
+    plan = sub.add_parser("plan", help="the stages that fill a time budget on this machine, measured")
+    plan.add_argument("file", type=Path, help="the stages file (its model, data and keys; its stages are replaced)")
+    add_budget(plan, required=True)
+    plan.add_argument("--out", type=Path, default=None, help="where to write the plan (default FILE.plan.yaml)")
+    add_set(plan)
     find = sub.add_parser("lr-find", help="LR range test on one stage's exact training setup")
     find.add_argument("file", type=Path, help="the stages file")
     find.add_argument("--stage", type=int, default=0, help="which stage's size, batch, AMP and Mixup (default 0)")
@@ -88,6 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=None, help="loader workers (default: the run's data.workers)")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ev.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/eval)")
+    pred = sub.add_parser("predict", help="the top-k classes of image files and folders, with a checkpoint")
+    pred.add_argument("target", type=Path, metavar="RUN_DIR|CKPT", help="a run folder (its best.pt) or a checkpoint")
+    pred.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files and folders (recursive)")
+    pred.add_argument("--topk", type=int, default=5, help="classes per image (default 5; at most the classes)")
+    pred.add_argument(
+        "--tta", default="none", metavar="none|flip|flip+crops", help="test-time augmentation, as eval's (default none)"
+    )
+    pred.add_argument("--img-size", default=None, metavar="N", help="input size (default: as the run validated)")
+    pred.add_argument("--batch-size", type=int, default=None, help="default: the last stage's batch size")
+    pred.add_argument("--ema", action="store_true", help="use the EMA weights (runs trained with train.ema)")
+    pred.add_argument("--workers", type=int, default=None, help="loader workers (default: the run's data.workers)")
+    pred.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    pred.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="FILE.csv|FILE.jsonl",
+        help="the predictions file (default: CSV on stdout, the summary on stderr)",
+    )
+    exp = sub.add_parser("export", help="a checkpoint as safetensors + timm config.json, TorchScript or ONNX")
+    exp.add_argument("target", type=Path, metavar="RUN_DIR|CKPT", help="a run folder (its best.pt) or a checkpoint")
+    exp.add_argument(
+        "--format", default="safetensors", metavar="safetensors|torchscript|onnx", help="(default safetensors)"
+    )
+    exp.add_argument("--ema", action="store_true", help="export the EMA weights (runs trained with train.ema)")
+    exp.add_argument("--img-size", default=None, metavar="N", help="input size (default: as the run validated)")
+    exp.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default: RUN_DIR/export)")
     cmp = sub.add_parser("compare", help="runs side by side: a table and overlaid validation curves")
     cmp.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="two or more run folders")
     cmp.add_argument("--out", type=Path, default=Path("compare"), help="output folder (default ./compare)")
@@ -110,6 +143,52 @@ def add_set(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override any key, e.g. --set train.optimizer.lr=0.1 --set stages.1.epochs=5",
     )
+
+
+def add_budget(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument(
+        "--budget",
+        default=None,
+        required=required,
+        metavar="DURATION",
+        help="wall time to fill, e.g. 20m, 1h30m, 900s: the stages are planned from speeds measured here",
+    )
+    parser.add_argument(
+        "--final-size", type=int, default=None, help="with --budget: the size to end at (default: the file's largest)"
+    )
+    parser.add_argument(
+        "--start-size",
+        type=int,
+        default=None,
+        help="with --budget: the size the ramp starts at (default: half the final size); larger for fine detail",
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.budget import format_plan, parse_duration, plan_budget
+    from pipeline.config import load_config
+
+    budget = parse_duration(args.budget)
+    cfg = load_config(args.file, args.overrides)
+    plan, _ = plan_budget(cfg.raw, budget, args.final_size, args.start_size)
+    print(format_plan(plan, budget))
+    target = write_plan(plan.raw, args.file, args.out, f"python -m pipeline plan {args.file} --budget {args.budget}")
+    print(f"wrote {target}; train with: python -m pipeline run {target}")
+    return 0
+
+
+def write_plan(raw: dict, file: Path, out: Path | None, command: str) -> Path:
+    """The planned configuration as YAML: `out`, or FILE.plan.yaml beside FILE (never FILE itself)."""
+    import yaml
+
+    from pipeline.files import write_text
+
+    target = out or file.with_name(f"{file.stem}.plan.yaml")
+    if target.resolve() == file.resolve():
+        raise UserError(f"--out {target}: that is the stages file itself; choose another name")
+    text = f"# {command}\n" + yaml.safe_dump(raw, sort_keys=False)
+    write_or_fail(f"--out: cannot write {target}", lambda: write_text(target, text))
+    return target
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
@@ -247,6 +326,72 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Exit status 0 when at least one image was predicted (the others are named), 2 when none could be."""
+    from pipeline.files import write_text
+    from pipeline.predict import format_rows, output_format, run_predict
+
+    fmt = output_format(args.out)
+    result = run_predict(
+        args.target,
+        args.paths,
+        topk=args.topk,
+        tta=args.tta,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        use_ema=args.ema,
+        workers=args.workers,
+        device_name=args.device,
+    )
+    if args.out is None:
+        sys.stdout.write(format_rows(result.rows, "csv"))
+    else:
+        write_or_fail(f"--out {args.out}: cannot write", lambda: write_text(args.out, format_rows(result.rows, fmt)))
+    say = sys.stderr if args.out is None else sys.stdout  # stdout carries the rows when there is no --out
+    n = len(result.rows) + len(result.skipped)
+    print(
+        f"predicted {len(result.rows)} of {n} image(s) with {result.checkpoint} ({result.weights} weights, "
+        f"{result.img_size}px, TTA {result.tta})",
+        file=say,
+    )
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} file(s) that could not be read:", file=say)
+        for path in result.skipped:
+            print(f"  {path}", file=say)
+    if args.out is not None:
+        print(f"wrote {args.out}", file=say)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import (
+        EXPORT_INSTALL,
+        TOLERANCE,
+        TORCHSCRIPT_NOTE,
+        check_batch,
+        check_export,
+        load_export,
+        write_export,
+    )
+
+    job = load_export(args.target, args.format, args.ema, args.img_size, args.out)
+    images, source = check_batch(job)
+    write_or_fail(f"--out {job.out}: cannot write", lambda: write_export(job))
+    arch, classes = job.member.config["model"]["arch"], len(job.member.classes)
+    print(f"exported {job.member.path} ({arch}, {classes} classes, {job.weights} weights, {job.img_size}px)")
+    print(f"wrote {job.model_file} and {job.config_file}")
+    if job.fmt == "torchscript":
+        print(TORCHSCRIPT_NOTE)
+    difference = check_export(job, images)
+    if difference is None:
+        print(f"not checked: onnxruntime is not installed ({EXPORT_INSTALL})")
+        return 0
+    print(f"checked on {source}: largest |logit difference| to the PyTorch model {difference:.3g}")
+    if difference > TOLERANCE:
+        print(f"warning: the export differs from the PyTorch model by more than {TOLERANCE:g}", file=sys.stderr)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.compare import format_table, run_compare
 
@@ -276,6 +421,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.train.run import run_training
 
+    if args.budget is not None:
+        return run_budget(args)
+    for option, value in (("--final-size", args.final_size), ("--start-size", args.start_size)):
+        if value is not None:
+            raise UserError(f"{option}: only with --budget")
     if args.resume == Path("auto"):
         if args.file is None:
             raise UserError("--resume auto: give the stages file too (its run.name and out_dir find the run)")
@@ -301,14 +451,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_budget(args: argparse.Namespace) -> int:
+    """`run FILE --budget D`: plan (the measuring counts against the budget), run the plan, then
+    predicted against actual seconds."""
+    import time
+
+    from pipeline.budget import actual_seconds, format_outcome, format_plan, parse_duration, plan_budget
+    from pipeline.config import load_config, parse_config
+    from pipeline.files import write_json
+    from pipeline.train.run import run_training
+
+    begin = time.perf_counter()
+    budget = parse_duration(args.budget)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError(
+            "--budget under torchrun: each process would measure and plan on its own; plan first "
+            "(python -m pipeline plan FILE --budget D), then torchrun ... run FILE.plan.yaml"
+        )
+    if args.resume is not None:
+        raise UserError("--budget plans a new run; continue a run with --resume alone")
+    if args.file is None:
+        raise UserError("run --budget: give the stages file (python -m pipeline run stages.yaml --budget 20m)")
+    cfg = load_config(args.file, args.overrides)
+    plan, speeds = plan_budget(cfg.raw, budget, args.final_size, args.start_size, measuring_counts=True)
+    print(format_plan(plan, budget))
+    spent = time.perf_counter() - begin
+    run_dir = run_training(parse_config(plan.raw), out_dir=args.out)
+    total = time.perf_counter() - begin
+    actual = actual_seconds(run_dir, len(plan.stage_seconds))
+    print(format_outcome(plan, actual, total - spent - sum(actual), spent, budget))
+    report = {
+        "budget_s": budget,
+        "planning_s": round(spent, 2),
+        "predicted_s": {"start": round(plan.start_s, 2), "stages": [round(s, 2) for s in plan.stage_seconds]},
+        "actual_s": {"start": round(total - spent - sum(actual), 2), "stages": [round(s, 2) for s in actual]},
+        "total_s": round(total, 2),
+        "speeds": speeds.to_dict(),
+    }
+    write_or_fail(f"cannot write {run_dir / 'budget.json'}", lambda: write_json(run_dir / "budget.json", report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {
             "run": cmd_run,
+            "plan": cmd_plan,
             "lr-find": cmd_lr_find,
             "bench-loader": cmd_bench_loader,
             "eval": cmd_eval,
+            "predict": cmd_predict,
+            "export": cmd_export,
             "check-data": cmd_check_data,
             "compare": cmd_compare,
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ from typing import Any
 import timm
 import torch
 
-from pipeline.config import DataConfig, parse_config
-from pipeline.data import build_loader, scan_image_folder
+from pipeline.config import DataConfig, StageSpec, parse_config
+from pipeline.data import Loader, build_loader, scan_image_folder
 from pipeline.data.demo import demo_root
 from pipeline.data.folder import ImageFolderIndex
 from pipeline.distributed import resolve_device
@@ -52,6 +53,11 @@ def resolve_checkpoint(target: Path, use_ema: bool = False) -> Path:
     if not target.is_file():
         raise UserError(f"{target}: no such run folder or checkpoint")
     return target
+
+
+def run_folder(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to (RUN_DIR for RUN_DIR/checkpoints/x.pt), else its folder."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
 def load_member(path: Path, device: torch.device, use_ema: bool) -> Member:
@@ -196,6 +202,15 @@ def candidate_sizes(trained: int) -> list[int]:
     return sorted(scaled | {trained})
 
 
+def last_stage(config: dict[str, Any]) -> StageSpec:
+    """The last stage of the run a checkpoint's `config` describes: its size, batch, data and AMP settings."""
+    raw = copy.deepcopy(config)
+    # the training data and the weights it started from may have moved since: not needed here
+    raw["data"].update(train="demo", val="demo")
+    raw["model"]["pretrained"] = None
+    return parse_config(raw).stages[-1]
+
+
 def prepare(
     paths: list[Path],
     data: Path | None,
@@ -211,12 +226,8 @@ def prepare(
     for m in members[1:]:
         if m.classes != first.classes:
             raise UserError(f"--ensemble {m.path}: its classes differ from {first.path}'s; members must share classes")
-    raw = copy.deepcopy(first.config)
-    val = raw["data"]["val"]
-    # the training data and the weights it started from may have moved since: not needed here
-    raw["data"].update(train="demo", val="demo")
-    raw["model"]["pretrained"] = None
-    last = parse_config(raw).stages[-1]
+    val = first.config["data"]["val"]
+    last = last_stage(first.config)
     field = "--data" if data is not None else f"data.val (from {first.path})"
     if data is None:
         data = demo_root() / "val" if val == "demo" else Path(val)
@@ -235,6 +246,15 @@ def prepare(
 
 def evaluate_at(setup: EvalSetup, size: int) -> dict[str, Any]:
     """The metrics of the (averaged) models on the validation images at `size`."""
+    probs, labels = probabilities_at(setup, size)
+    return metrics(probs, labels, setup.members[0].classes)
+
+
+def probabilities_at(
+    setup: EvalSetup, size: int, watch: Callable[[Loader], Iterable] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (averaged) softmax of every image of `setup.index` at `size`, through the validation loader,
+    and their labels; `watch` may wrap the loader (a progress bar)."""
     data_cfg, load_size = setup.data_cfg, size
     if setup.tta == "flip+crops":  # corner crops come from the resized image before its centre crop
         load_size, data_cfg = math.floor(size / data_cfg.crop_pct), replace(data_cfg, crop_pct=1.0)
@@ -249,20 +269,25 @@ def evaluate_at(setup: EvalSetup, size: int) -> dict[str, Any]:
     )
     try:
         models = [m.model for m in setup.members]
-        probs, labels = predict(models, loader, setup.tta, size, setup.precision, setup.device)
+        batches = loader if watch is None else watch(loader)
+        return predict(models, batches, setup.tta, size, setup.precision, setup.device)
     finally:
         loader.close()
-    return metrics(probs, labels, setup.members[0].classes)
 
 
-@torch.no_grad()
 def size_problem(setup: EvalSetup, size: int) -> str | None:
     """Why a model cannot take `size` x `size` inputs (a ViT's fixed input, a window that does not
     divide it), or None when all can."""
-    x = torch.zeros(1, 3, size, size, device=setup.device).contiguous(memory_format=torch.channels_last)
-    for m in setup.members:
+    return input_problem(setup.members, size, setup.precision, setup.device)
+
+
+@torch.no_grad()
+def input_problem(members: list[Member], size: int, precision: Precision, device: torch.device) -> str | None:
+    """`size_problem` for any members, precision and device."""
+    x = torch.zeros(1, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    for m in members:
         try:
-            with setup.precision.autocast(setup.device):
+            with precision.autocast(device):
                 m.model(x)
         except (AssertionError, RuntimeError) as e:  # what timm's models raise on a size they cannot take
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -323,8 +348,7 @@ def run_eval(
         "tta": tta,
         **scores,
     }
-    run_dir = paths[0].parent.parent if paths[0].parent.name == "checkpoints" else paths[0].parent
-    out_dir = Path(out) if out is not None else run_dir / "eval"
+    out_dir = Path(out) if out is not None else run_folder(paths[0]) / "eval"
     write_json(out_dir / "eval.json", result)
     models = f"{len(paths)} checkpoints" if len(paths) > 1 else paths[0].name
     title = f"{models}, {size}px, TTA {tta}: top-1 {result['top1']:.2f}%"

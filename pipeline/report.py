@@ -64,11 +64,12 @@ def epoch_bar(total: int, desc: str, enabled: bool = True) -> tqdm:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run table: one row per stage, then the totals."""
-    header = f"{'stage':>5} {'size':>5} {'batch':>6} {'epochs':>6} {'seconds':>8} {'img/s':>8} {'val top-1':>9}"
+    header = f"{'stage':>5} {'size':>7} {'batch':>6} {'epochs':>6} {'seconds':>8} {'img/s':>8} {'val top-1':>9}"
     rows = [header, "-" * len(header)]
     for i, s in enumerate(summary["stages"]):
+        size = f"{s['start_size']}-{s['img_size']}" if "start_size" in s else str(s["img_size"])  # a ramp: from-to
         rows.append(
-            f"{i:>5} {s['img_size']:>5} {s['batch_size']:>6} {s['epochs']:>6} {s['seconds']:>8.1f} "
+            f"{i:>5} {size:>7} {s['batch_size']:>6} {s['epochs']:>6} {s['seconds']:>8.1f} "
             f"{s['train_images_per_s']:>8.0f} {s['val_top1']:>8.2f}%"
         )
     rows.append("-" * len(header))

@@ -68,6 +68,18 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train=40, n_val=20, size=32)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data) -> Path:
+    """One finished tiny run with EMA weights (TINY_CONFIG), shared by the eval, predict and export tests."""
+    from pipeline.config import parse_config
+    from pipeline.train.run import run_training
+
+    cfg = copy.deepcopy(TINY_CONFIG)
+    cfg["data"].update(train=str(tiny_data / "train"), val=str(tiny_data / "val"))
+    cfg["train"]["ema"] = {"decay": 0.9}
+    return run_training(parse_config(cfg), out_dir=tmp_path_factory.mktemp("tiny-run") / "runs")
+
+
 @pytest.fixture
 def tiny_config(tiny_data) -> dict:
     cfg = copy.deepcopy(TINY_CONFIG)

@@ -93,3 +93,28 @@ def test_finetune_compare(tiny_config, write_yaml, tmp_path):
 def test_dali_epoch_setup():
     text = run_script("dali_epoch_setup.py", "--files", "200", "--repeats", "1")  # more files than a batch
     assert "| 200 |" in text
+
+
+def test_budget_vs_fixed(tiny_config, write_yaml, tmp_path):
+    out = tmp_path / "bvf"
+    text = run_script("budget_vs_fixed.py", write_yaml(tiny_config), "--budgets", "6s", "--out", out)
+    rows = json.loads((out / "budget_vs_fixed.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["planned", "fixed"]
+    planned, fixed = rows
+    assert planned["stages"][-1][0] == fixed["stages"][-1][0] == 24 and {s[0] for s in fixed["stages"]} == {24}
+    assert all(r["predicted_s"] <= 6 and r["wall_s"] > 0 and r["epochs"] >= 1 for r in rows)
+    assert "| 6s | planned |" in text
+
+
+def test_predict_speed(tiny_config, tmp_path):
+    from pipeline.config import parse_config
+    from pipeline.train.run import run_training
+
+    tiny_config["stages"] = [{"img_size": 16, "batch_size": 8, "epochs": 1}]
+    run = run_training(parse_config(tiny_config), out_dir=tmp_path / "runs")
+    out = tmp_path / "speed.json"
+    text = run_script("predict_speed.py", run, "--repeats", "2", "--json", out)
+    row = json.loads(out.read_text())
+    assert row["images"] == 20 and row["img_size"] == 16 and len(row["ratios"]) == 2
+    assert row["eval_images_per_s"] > 0 and row["predict_images_per_s"] > 0
+    assert "| 20 | 16 | 8 |" in text

@@ -12,24 +12,10 @@ import torch
 
 from pipeline import evaluate
 from pipeline.cli import main
-from pipeline.config import parse_config
 from pipeline.evaluate import candidate_sizes, metrics, predict, tta_views
-from pipeline.train.run import run_training
 from pipeline.train.step import Precision
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_data):
-    import copy
-
-    from conftest import TINY_CONFIG
-
-    cfg = copy.deepcopy(TINY_CONFIG)
-    cfg["data"].update(train=str(tiny_data / "train"), val=str(tiny_data / "val"))
-    cfg["train"]["ema"] = {"decay": 0.9}
-    return run_training(parse_config(cfg), out_dir=tmp_path_factory.mktemp("eval") / "runs")
 
 
 def symmetric_batches(n=2):

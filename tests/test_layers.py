@@ -17,7 +17,16 @@ LAYERS = [
     ["pipeline.train.stage"],
     ["pipeline.train.range_test"],
     ["pipeline.train.run"],
-    ["pipeline.evaluate", "pipeline.compare", "pipeline.check_data", "pipeline.loader_bench", "pipeline.lr_finder"],
+    [
+        "pipeline.evaluate",
+        "pipeline.compare",
+        "pipeline.check_data",
+        "pipeline.loader_bench",
+        "pipeline.lr_finder",
+        "pipeline.budget",
+        "pipeline.predict",
+        "pipeline.export",
+    ],
     ["pipeline.cli", "pipeline.__main__"],
 ]
 

@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import OneCycleLR
 import pipeline.train.step as step_mod
 from pipeline.cli import main
 from pipeline.config import ScheduleConfig, parse_config
+from pipeline.report import format_summary
 from pipeline.train.checkpoint import load_checkpoint, rng_state
 from pipeline.train.loop import reestimate_bn
 from pipeline.train.plan import plan_run
@@ -162,6 +163,11 @@ def test_a_ramp_compiles_one_graph_per_size_and_no_more(tiny_config, tmp_path, m
     assert [r["img_size"] for r in epochs] == [16, 24, 32] and [r["val_size"] for r in epochs] == [16, 24, 32]
     plan = plan_run(parse_config(cfg).stages, 40)
     assert counter.frame_count == plan.compiled_shapes() == 6  # a training and an evaluation graph per size
+    (row,) = json.loads((run_dir / "summary.json").read_text())["stages"]
+    assert (row["start_size"], row["img_size"]) == (16, 32)
+    assert format_summary({"stages": [row], "seconds": 1, "final_val_top1": 0, "best_val_top1": 0}).splitlines()[
+        2
+    ].split()[:2] == ["0", "16-32"]
 
 
 def test_validation_can_run_larger_than_training(tiny_config, tmp_path):

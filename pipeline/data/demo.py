@@ -92,26 +92,28 @@ def draw_sample(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
 
 def draw_digit(digit: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """One HxWx3 uint8 image of the digit: a glyph of random size, place, angle and colour over a
-    background of random strokes and ellipses (clutter that a small view blurs into the glyph)."""
-    background = tuple(int(v) for v in rng.uniform(60, 230, 3))
-    img = Image.new("RGB", (size, size), background)
+    background of random strokes and ellipses (clutter that a small view blurs into the glyph). The
+    ink is dark on a light ground and light on a dark one, so the glyph is always legible."""
+    background = rng.uniform(40, 215, 3)
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in background))
     draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(3, 7))):
+    for _ in range(int(rng.integers(2, 5))):
         x0, y0, x1, y1 = (float(v) for v in rng.uniform(0, size, 4))
         colour = tuple(int(v) for v in rng.uniform(0, 255, 3))
         if rng.random() < 0.5:
-            draw.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(1, 3)))
+            draw.line((x0, y0, x1, y1), fill=colour, width=1)
         else:
             draw.ellipse((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), outline=colour)
     glyph = Image.new("L", (size, size), 0)
-    font = ImageFont.load_default(size=max(8, int(size * rng.uniform(0.45, 0.7))))
+    font = ImageFont.load_default(size=max(8, int(size * rng.uniform(0.55, 0.8))))
     left, top, right, bottom = ImageDraw.Draw(glyph).textbbox((0, 0), str(digit), font=font)
     x = rng.uniform(-left, max(-left, size - right))
     y = rng.uniform(-top, max(-top, size - bottom))
     ImageDraw.Draw(glyph).text((x, y), str(digit), font=font, fill=255)
-    glyph = glyph.rotate(float(rng.uniform(-25, 25)), resample=Image.BILINEAR, center=(size / 2, size / 2))
-    ink = Image.new("RGB", (size, size), tuple(int(255 - v) for v in background))  # contrasts with the ground
-    img.paste(ink, (0, 0), glyph)
+    glyph = glyph.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR, center=(size / 2, size / 2))
+    light = background.mean() < 128
+    ink = rng.uniform(200, 255, 3) if light else rng.uniform(0, 55, 3)
+    img.paste(Image.new("RGB", (size, size), tuple(int(v) for v in ink)), (0, 0), glyph)
     out = np.asarray(img, dtype=np.float32) + rng.normal(0, 6, (size, size, 3))
     return np.clip(out, 0, 255).astype(np.uint8)
 

@@ -48,6 +48,7 @@ class Progress:
         self.stages.append(
             {
                 "img_size": stage.img_size,
+                **({"start_size": stage.start_size} if stage.start_size is not None else {}),
                 "batch_size": stage.batch_size,
                 "epochs": stage.epochs,
                 "seconds": round(self.stage_seconds, 2),

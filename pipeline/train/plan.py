@@ -26,16 +26,21 @@ RAMP_MULTIPLE = 8  # a ramp's sizes are multiples of it: few distinct sizes, so 
 
 
 def image_size(stage: StageSpec, epoch: int) -> int:
-    """The resolution schedule: the training size of epoch `epoch` of `stage`. A stage's `img_size`;
-    on a ramp (`img_size: [start, end]`) a straight line from `start` at its first epoch to `end` at
-    its last, the sizes between rounded to a multiple of RAMP_MULTIPLE (as FFCV's `get_resolution`)."""
-    last = stage.epochs - 1
-    if stage.start_size is None or epoch >= last:
-        return stage.img_size
+    """The resolution schedule: the training size of epoch `epoch` of `stage` (see `ramp_size`)."""
+    return ramp_size(stage.start_size, stage.img_size, stage.epochs, epoch)
+
+
+def ramp_size(start: int | None, end: int, epochs: int, epoch: int) -> int:
+    """Epoch `epoch` of `epochs` on a ramp from `start` to `end` (no ramp: `start` None): a straight
+    line from `start` at the first epoch to `end` at the last, the sizes between rounded to a
+    multiple of RAMP_MULTIPLE (as FFCV's `get_resolution`)."""
+    last = epochs - 1
+    if start is None or epoch >= last:
+        return end
     if epoch <= 0:
-        return stage.start_size
-    size = stage.start_size + (stage.img_size - stage.start_size) * epoch / last
-    return min(stage.img_size, max(stage.start_size, RAMP_MULTIPLE * round(size / RAMP_MULTIPLE)))
+        return start
+    size = start + (end - start) * epoch / last
+    return min(end, max(start, RAMP_MULTIPLE * round(size / RAMP_MULTIPLE)))
 
 
 def validation_size(stage: StageSpec, epoch: int) -> int:

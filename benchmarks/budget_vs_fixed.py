@@ -1,0 +1,101 @@
+"""Budgeted training: `run --budget` against a run at the final size whose epochs fill the same budget.
+
+For each budget: the speeds of the stages file's setup are measured once on this machine (what `plan`
+does); the planned run (the ramp-then-settle policy) and the fixed run (the same policy with every
+epoch at the final size) are each given the budget less the time the measuring took, their epochs
+chosen from the same speeds; then both are trained, back to back. For each: the epochs, the predicted
+and the actual wall seconds (measuring included) against the budget, and the final top-1.
+
+    python benchmarks/budget_vs_fixed.py [stages.yaml] [--data IMAGEFOLDER_ROOT] [--budgets 1m,2m,4m]
+        [--seed 0] [--start-size N] [--set KEY=VALUE] [--out runs/budget-vs-fixed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml  # noqa: E402
+
+from pipeline.budget import actual_seconds, choose_plan, parse_duration, plan_budget  # noqa: E402
+from pipeline.compare import load_run  # noqa: E402
+from pipeline.config import apply_override, parse_config  # noqa: E402
+from pipeline.data import scan_datasets  # noqa: E402
+from pipeline.train.run import run_training  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("file", nargs="?", type=Path, default=ROOT / "stages.yaml")
+    parser.add_argument("--data", type=Path, default=None, help="a folder with train/ and val/ (default: the file's)")
+    parser.add_argument("--budgets", default="1m,2m,4m")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start-size", type=int, default=None, help="the planned ramp's start (default: half)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=Path("runs/budget-vs-fixed"))
+    args = parser.parse_args()
+
+    raw = yaml.safe_load(args.file.read_text())
+    for item in args.overrides:
+        apply_override(raw, item)
+    if args.data is not None:
+        raw.setdefault("data", {}).update(train=str(args.data / "train"), val=str(args.data / "val"))
+    raw.setdefault("run", {})["seed"] = args.seed
+    cfg = parse_config(raw, base_dir=args.file.parent)
+    datasets = scan_datasets(cfg.data)
+    final = max(stage.largest_size for stage in cfg.stages)
+    rows = []
+    for text in args.budgets.split(","):
+        budget = parse_duration(text)
+        begin = time.perf_counter()
+        planned, speeds = plan_budget(cfg.raw, budget, start=args.start_size, measuring_counts=True)
+        spent = time.perf_counter() - begin
+        fixed = choose_plan(cfg.raw, speeds, budget - spent, final, len(datasets.train), len(datasets.val), final)
+        for name, plan in (("planned", planned), ("fixed", fixed)):
+            plan.raw["run"]["name"] = f"{name}-{text}"
+            start = time.perf_counter()
+            run_dir = run_training(parse_config(plan.raw), out_dir=args.out)
+            wall = spent + time.perf_counter() - start
+            record = load_run(run_dir)
+            rows.append(
+                {
+                    "budget": text,
+                    "budget_s": budget,
+                    "run": name,
+                    "stages": [(s["img_size"], s["epochs"]) for s in plan.raw["stages"]],
+                    "epochs": plan.epochs,
+                    "predicted_s": round(spent + plan.seconds, 1),
+                    "wall_s": round(wall, 1),
+                    "stage_s": {
+                        "predicted": plan.stage_seconds,
+                        "actual": actual_seconds(run_dir, len(plan.stage_seconds)),
+                    },
+                    "final_top1": record.final_top1,
+                    "run_dir": str(run_dir),
+                }
+            )
+            print(f"{name} {text}: {wall:.1f} s wall, final top-1 {record.final_top1:.2f}%", flush=True)
+    print("\n| budget | run | stages (px x epochs) | predicted s | wall s | wall / budget | final top-1 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        stages = " + ".join(f"{'-'.join(map(str, s)) if isinstance(s, list) else s} x {e}" for s, e in r["stages"])
+        print(
+            f"| {r['budget']} | {r['run']} | {stages} | {r['predicted_s']:.0f} | {r['wall_s']:.0f} | "
+            f"{r['wall_s'] / r['budget_s']:.2f} | {r['final_top1']:.2f}% |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"seed": args.seed, "rows": rows, "speeds": speeds.to_dict(), "machine": platform.platform()}
+    (args.out / "budget_vs_fixed.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out / 'budget_vs_fixed.json'}")
+
+
+if __name__ == "__main__":
+    main()

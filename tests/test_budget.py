@@ -1,0 +1,186 @@
+"""`plan --budget` and `run --budget`: durations, the planner's choices on made-up speeds, the
+predictions, bad input, and a tiny budgeted run end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+
+import pipeline.budget as budget
+from pipeline.budget import Speeds, choose_plan, parse_duration, per_image, policy_stages, predict
+from pipeline.cli import main
+from pipeline.config import parse_config
+from pipeline.errors import ConfigError
+from pipeline.train.plan import plan_run
+
+
+@pytest.mark.parametrize(
+    "text,seconds",
+    [("20m", 1200), ("1h30m", 5400), ("900s", 900), ("900", 900), ("1.5h", 5400), ("2m30s", 150), ("45min", 2700)],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["20x", "", "m", "h30", "-5m", "0", "0s", "1m1h", "nan"])
+def test_bad_durations_are_refused(text):
+    with pytest.raises(ConfigError, match=r"--budget"):
+        parse_duration(text)
+
+
+# Made-up speeds: a step's cost grows with the pixels, a new size costs 2 s, an epoch's checkpoints 0.5 s.
+SPEEDS = Speeds(
+    train={32: 800.0, 48: 400.0, 64: 200.0},
+    val={32: 2400.0, 48: 1200.0, 64: 600.0},
+    new_size_s=2.0,
+    epoch_s=0.5,
+    start_s=5.0,
+)
+
+
+def raw_config(tiny_config: dict) -> dict:
+    raw = copy.deepcopy(tiny_config)
+    raw["stages"] = [
+        {"img_size": 32, "batch_size": 10, "epochs": 3, "lr": 0.2},
+        {"img_size": 64, "batch_size": 10, "epochs": 1, "mixup": "off", "val_size": 72},
+    ]
+    return raw
+
+
+def test_seconds_per_image_between_and_beyond_the_measured_sizes():
+    assert per_image(SPEEDS.train, 48) == pytest.approx(1 / 400)
+    assert per_image(SPEEDS.train, 40) == pytest.approx((1 / 800 + 1 / 400) / 2)
+    assert per_image(SPEEDS.train, 128) == pytest.approx(4 / 200)  # 4x the pixels of 64 px
+    assert per_image(SPEEDS.train, 16) == pytest.approx(1 / 4 / 800)
+
+
+def test_the_policy_ramps_then_settles_and_keeps_the_files_keys(tiny_config):
+    raw = raw_config(tiny_config)
+    stages = policy_stages(raw, 8, 64)
+    assert stages == [
+        {"img_size": [32, 64], "batch_size": 10, "epochs": 6, "lr": 0.2},
+        {"img_size": 64, "batch_size": 10, "epochs": 2, "mixup": "off", "val_size": 72},
+    ]
+    assert policy_stages(raw, 1, 64) == [{"img_size": 64, "batch_size": 10, "epochs": 1, "lr": 0.2}]
+    assert [s["epochs"] for s in policy_stages(raw, 2, 64)] == [1, 1]
+    assert [s["epochs"] for s in policy_stages(raw, 20, 64)] == [15, 5]
+    assert policy_stages(raw, 4, 64, start=64)[0]["img_size"] == 64  # the fixed-size baseline
+    assert policy_stages(raw, 4, 64, start=48)[0]["img_size"] == [48, 64]
+    sizes = [e.img_size for e in plan_run(parse_config({**raw, "stages": stages}).stages, 100).epochs]
+    assert sizes == [32, 40, 48, 48, 56, 64, 64, 64]
+
+
+def test_the_prediction_adds_up(tiny_config):
+    raw = raw_config(tiny_config)
+    raw["stages"] = policy_stages(raw, 4, 64)  # 32, 64 | 64 | 64 ... : ramp of 3 (32, 48, 64), 1 settling
+    cfg = parse_config(raw)
+    seconds = predict(cfg, SPEEDS, train_images=100, val_images=30)
+    # ramp: 100 images per epoch at 32, 48, 64 px, validation at the same sizes, three new sizes
+    ramp = 100 / 800 + 100 / 400 + 100 / 200 + 30 / 2400 + 30 / 1200 + 30 / 600 + 3 * (0.5 + 2.0)
+    settle = 100 / 200 + 30 * (72 / 64) ** 2 / 600 + 0.5 + 2.0  # validation moves to 72 px: a new size
+    assert seconds == pytest.approx([ramp, settle])
+    plan = choose_plan(raw, SPEEDS, 60.0, 64, 100, 30)
+    assert plan.seconds == pytest.approx(plan.start_s + sum(plan.stage_seconds))
+    assert plan.stage_seconds == pytest.approx(predict(parse_config(plan.raw), SPEEDS, 100, 30))
+
+
+def test_more_budget_never_means_fewer_epochs_and_the_final_size_is_always_reached(tiny_config):
+    raw = raw_config(tiny_config)
+    epochs = []
+    for budget_s in range(15, 400, 7):
+        plan = choose_plan(raw, SPEEDS, float(budget_s), 64, 1000, 200)
+        epochs.append(plan.epochs)
+        assert plan.seconds <= budget_s
+        assert parse_config(plan.raw).stages[-1].img_size == 64
+        one_more = copy.deepcopy(raw)
+        one_more["stages"] = policy_stages(raw, plan.epochs + 1, 64)
+        assert (
+            budget.BudgetPlan(one_more, 0, predict(parse_config(one_more), SPEEDS, 1000, 200), 5.0).seconds > budget_s
+        )
+    assert epochs == sorted(epochs) and epochs[0] >= 1 and epochs[-1] > epochs[0]
+
+
+def test_a_budget_shorter_than_one_epoch_is_refused(tiny_config):
+    with pytest.raises(
+        ConfigError,
+        match=r"--budget: too short for one epoch at 64 px here: that takes about 13 s with the start, and the "
+        r"budget leaves 6 s",
+    ):
+        choose_plan(raw_config(tiny_config), SPEEDS, 6.0, 64, 1000, 200)
+
+
+def no_measuring(*args, **kwargs):
+    raise AssertionError("measured before the input was checked")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--budget", "20x"], "error: --budget 20x: not a duration"),
+        (["--budget", "0m"], "error: --budget 0m: must be a positive duration"),
+        (["--budget", "5m", "--final-size", "8"], "error: --final-size 8: must be at least 16 px"),
+        (
+            ["--budget", "5m", "--start-size", "40"],
+            "error: --start-size 40: must be between 8 and the final size (24 px)",
+        ),
+    ],
+)
+def test_bad_budget_input_is_one_line_before_measuring(tiny_config, write_yaml, capsys, monkeypatch, args, message):
+    monkeypatch.setattr(budget, "measure_speeds", no_measuring)
+    for command in ("plan", "run"):
+        assert main([command, str(write_yaml(tiny_config)), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [err[0]] and err[0].startswith(message)
+
+
+def test_a_final_size_the_model_cannot_take_is_one_line(tiny_config, write_yaml, capsys, monkeypatch):
+    monkeypatch.setattr(budget, "measure_speeds", no_measuring)
+    tiny_config["model"]["arch"] = "test_vit"  # fixed input size
+    assert main(["plan", str(write_yaml(tiny_config)), "--budget", "5m", "--final-size", "24"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --final-size 24: the model cannot take")
+
+
+def test_budget_options_need_a_budget_or_a_new_run(tiny_config, write_yaml, capsys, tmp_path, monkeypatch):
+    file = str(write_yaml(tiny_config))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", file, "--budget", "1m"]) == 2
+    assert "--budget under torchrun: each process would measure and plan on its own" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["run", file, "--final-size", "32"]) == 2
+    assert "--final-size: only with --budget" in capsys.readouterr().err
+    assert main(["run", file, "--start-size", "16"]) == 2
+    assert "--start-size: only with --budget" in capsys.readouterr().err
+    assert main(["run", file, "--budget", "1m", "--resume", str(tmp_path)]) == 2
+    assert "--budget plans a new run" in capsys.readouterr().err
+
+
+def test_plan_writes_the_plan_beside_the_file_and_leaves_the_file_alone(tiny_config, write_yaml, capsys):
+    file = write_yaml(tiny_config)
+    before = file.read_text()
+    assert main(["plan", str(file), "--budget", "10m", "--final-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert file.read_text() == before
+    planned = yaml.safe_load((file.parent / "stages.plan.yaml").read_text())
+    stages = parse_config(planned).stages
+    assert stages[-1].img_size == 32 and stages[0].start_size in (16, None)
+    assert planned["model"]["arch"] == "test_resnet" and planned["train"]["optimizer"]["lr"] == 0.05
+    assert "of the 10 min 00 s budget" in out and "measuring test_resnet on cpu at 16, 24, 32 px" in out
+    assert main(["plan", str(file), "--budget", "10m", "--out", str(file)]) == 2  # never FILE itself
+
+
+@pytest.mark.slow
+def test_run_with_a_budget_plans_runs_and_reports_predicted_against_actual(tiny_config, write_yaml, capsys, tmp_path):
+    file = write_yaml(tiny_config)
+    assert main(["run", str(file), "--budget", "12s", "--out", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    report = json.loads((run_dir / "budget.json").read_text())
+    stages = yaml.safe_load((run_dir / "config.yaml").read_text())["stages"]
+    assert len(report["predicted_s"]["stages"]) == len(report["actual_s"]["stages"]) == len(stages)
+    assert stages[-1]["img_size"] == 24 and all(s > 0 for s in report["actual_s"]["stages"])
+    assert report["total_s"] <= 12 * 2.5  # loose: a loaded machine slows tiny epochs by whole seconds
+    assert "predicted" in out and "% of the 12 s budget" in out
