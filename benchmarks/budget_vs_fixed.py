@@ -21,11 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-
 from pipeline.budget import actual_seconds, choose_plan, parse_duration, plan_budget  # noqa: E402
 from pipeline.compare import load_run  # noqa: E402
-from pipeline.config import apply_override, parse_config  # noqa: E402
+from pipeline.config import load_config, parse_config  # noqa: E402
 from pipeline.data import scan_datasets  # noqa: E402
 from pipeline.train.run import run_training  # noqa: E402
 
@@ -43,13 +41,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/budget-vs-fixed"))
     args = parser.parse_args()
 
-    raw = yaml.safe_load(args.file.read_text())
-    for item in args.overrides:
-        apply_override(raw, item)
-    if args.data is not None:
-        raw.setdefault("data", {}).update(train=str(args.data / "train"), val=str(args.data / "val"))
-    raw.setdefault("run", {})["seed"] = args.seed
-    cfg = parse_config(raw, base_dir=args.file.parent)
+    data = [f"data.train={args.data / 'train'}", f"data.val={args.data / 'val'}"] if args.data else []
+    cfg = load_config(args.file, [*args.overrides, *data, f"run.seed={args.seed}"])
     datasets = scan_datasets(cfg.data)
     final = max(stage.largest_size for stage in cfg.stages)
     rows = []
