@@ -273,3 +273,42 @@ def test_a_process_exits_even_with_a_loader_left_open(tiny_data, tmp_path):
     )
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "leaving" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_second_process_on_a_running_runs_folder_stops_before_touching_it(tiny_config, capsys, tmp_path):
+    import fcntl
+
+    run_dir = run_training(parse_config(tiny_config), out_dir=tmp_path)
+    assert (run_dir / ".lock").read_text().strip() == str(os.getpid())  # the run held it
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    with open(run_dir / ".lock", "a+") as held:  # another process's hold (flock: per open file)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.truncate(0)
+        held.write("4242\n")
+        held.flush()
+        assert main(["run", "--resume", str(run_dir)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"error: {run_dir}: another process (pid 4242) is training in this run folder; "
+            "wait for it to end or stop it, then resume"
+        ]
+        assert (run_dir / "metrics.jsonl").read_bytes() == metrics  # nothing cut back or written
+    assert main(["run", "--resume", str(run_dir)]) == 0  # the holder is gone: the lock with it
+    assert "another process" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content,why",
+    [
+        (bytes(range(256)) * 4, "not written by torch.save, or holding objects that a weights-only load refuses"),
+        (b"", "an empty file"),
+    ],
+    ids=["random-bytes", "empty"],
+)
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys, content, why):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    assert main(["eval", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {path}: not a readable checkpoint ({why})"]

@@ -7,6 +7,7 @@ The model weights sit under `state_dict`, so `timm.create_model(arch, checkpoint
 from __future__ import annotations
 
 import io
+import pickle
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -180,8 +181,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: no checkpoint there")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        pickle.UnpicklingError
+    ):  # torch's text for it suggests weights_only=False: never for a file of unknown origin
+        why = "not written by torch.save, or holding objects that a weights-only load refuses"
     except Exception as e:
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        why = "an empty file" if path.stat().st_size == 0 else f"{type(e).__name__}: {first[:200]}".rstrip(": ")
+    raise UserError(f"{path}: not a readable checkpoint ({why})")
 
 
 def derive_seed(*parts: int) -> int:

@@ -29,7 +29,7 @@ from pipeline.train.loop import EpochResult, LoopSettings, evaluate, reestimate_
 from pipeline.train.plan import EpochPlan, RunPlan, plan_run
 from pipeline.train.preflight import check_groups, check_input_sizes, check_resume, prepare
 from pipeline.train.range_test import lr_for_run
-from pipeline.train.rundir import new_run_dir
+from pipeline.train.rundir import hold_run_dir, new_run_dir
 from pipeline.train.signals import StopSignals
 from pipeline.train.stage import RunContext, StageParts, build_stage
 from pipeline.train.step import WeightEma
@@ -55,10 +55,9 @@ def run_training(
     device, datasets, num_classes = prepare(cfg, world)
     distributed.init(world, device.type == "cuda")
     try:
-        with open(os.devnull, "w") as devnull:
-            quiet = contextlib.redirect_stdout(devnull) if not world.is_main else contextlib.nullcontext()
-            with quiet:
-                return _train(cfg, out_dir, resume, world, device, datasets, num_classes, hooks or RunHooks())
+        with open(os.devnull, "w") as devnull, contextlib.ExitStack() as held:
+            with contextlib.redirect_stdout(devnull) if not world.is_main else contextlib.nullcontext():
+                return _train(cfg, out_dir, resume, world, device, datasets, num_classes, hooks or RunHooks(), held)
     finally:
         distributed.shutdown()
 
@@ -72,12 +71,14 @@ def _train(
     datasets: Datasets,
     num_classes: int,
     hooks: RunHooks,
+    held: contextlib.ExitStack,  # the run folder's lock (rank 0), released when the run ends
 ) -> Path:
     seed_everything(cfg.run.seed)
     plan = plan_run(cfg.stages, len(datasets.train), world.world_size)
     checkpoint, progress = None, Progress()
     if resume is not None:
         run_dir = Path(resume)
+        held.enter_context(hold_run_dir(run_dir, world.is_main))
         checkpoint = Checkpoint.read(run_dir / "checkpoints" / "last.pt")
         progress = checkpoint.run_progress
         check_resume(checkpoint, cfg, datasets, plan, progress, world)
@@ -99,6 +100,7 @@ def _train(
         run_dir = distributed.from_main(
             new_run_dir(Path(out_dir or cfg.run.out_dir), cfg.run.name) if world.is_main else None
         )
+        held.enter_context(hold_run_dir(run_dir, world.is_main))
     if world.is_main:
         write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.raw, sort_keys=False))
         write_json(run_dir / "plan.json", plan.records())
@@ -127,8 +129,7 @@ class Trainer:
 
     def __init__(self, ctx: RunContext, plan: RunPlan, loop: LoopSettings, checkpoints: Checkpointer, hooks: RunHooks):
         self.ctx, self.plan, self.loop, self.checkpoints, self.hooks = ctx, plan, loop, checkpoints, hooks
-        self.cfg, self.run_dir = ctx.cfg, loop.run_dir
-        self._mark = time.perf_counter()
+        self.cfg, self.run_dir, self._mark = ctx.cfg, loop.run_dir, time.perf_counter()
         # one compiled graph per input shape the plan has: keep them all (past the limit: eager)
         torch._dynamo.config.recompile_limit = max(8, plan.compiled_shapes() + 2)
 

@@ -5,11 +5,15 @@ Only rank 0 makes one; the others learn its path from rank 0.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 
 
 def new_run_dir(out_dir: Path, name: str) -> Path:
@@ -35,3 +39,28 @@ def newest_run(out_dir: Path, name: str) -> Path | None:
         if pattern.fullmatch(d.name) and (d / "checkpoints" / "last.pt").is_file()
     ]
     return max(runs, key=lambda d: (d / "checkpoints" / "last.pt").stat().st_mtime, default=None)
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path, hold: bool = True) -> Iterator[None]:
+    """An advisory lock on `run_dir` (its `.lock` file holds the pid) for as long as the run lasts; the
+    system drops it when the process dies. A second process on the same folder (a `--resume` while the
+    run still runs) stops with one line naming the holder, before it touches anything. `hold` False
+    (the other ranks of a torchrun job): nothing."""
+    if not hold:
+        yield
+        return
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise UserError(
+                f"{run_dir}: another process (pid {holder}) is training in this run folder; "
+                "wait for it to end or stop it, then resume"
+            ) from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
