@@ -13,6 +13,7 @@ and the actual wall seconds (measuring included) against the budget, and the fin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -85,7 +86,7 @@ def main() -> None:
             f"{r['wall_s'] / r['budget_s']:.2f} | {r['final_top1']:.2f}% |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"seed": args.seed, "rows": rows, "speeds": speeds.to_dict(), "machine": platform.platform()}
+    report = {"seed": args.seed, "rows": rows, "speeds": dataclasses.asdict(speeds), "machine": platform.platform()}
     (args.out / "budget_vs_fixed.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out / 'budget_vs_fixed.json'}")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import json
 import math
 import re
@@ -74,9 +73,6 @@ class Speeds:
             + self.epoch_s
             + (self.new_size_s if changed else 0.0)
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def per_image(table: dict[int, float], size: int) -> float:
@@ -252,14 +248,10 @@ def measure_speeds(cfg: Config, sizes: list[int], batches: int = 12, warmup: int
 def _timed(loader, run, device: torch.device, batches: int, warmup: int, epoch: int = 0) -> tuple[float, float, int]:
     """A new pass over `loader`, each batch given to `run(x, y)`: (seconds to the first batch, run
     included; then seconds per batch over `batches` batches after `warmup` more; images per batch)."""
+    from pipeline.loader_bench import endless
     from pipeline.train.step import synchronize
 
-    def passes():
-        for e in itertools.count(epoch):
-            loader.set_epoch(e)
-            yield from loader
-
-    stream = passes()
+    stream = endless(loader, epoch)
     t0 = time.perf_counter()
     x, y = next(stream)
     run(x, y)

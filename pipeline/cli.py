@@ -172,23 +172,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.file, args.overrides)
     plan, _ = plan_budget(cfg.raw, budget, args.final_size, args.start_size)
     print(format_plan(plan, budget))
-    target = write_plan(plan.raw, args.file, args.out, f"python -m pipeline plan {args.file} --budget {args.budget}")
+    command = f"python -m pipeline plan {args.file} --budget {args.budget}"
+    target = write_applied(plan.raw, args.file, "plan", out=args.out, comment=command)
     print(f"wrote {target}; train with: python -m pipeline run {target}")
     return 0
-
-
-def write_plan(raw: dict, file: Path, out: Path | None, command: str) -> Path:
-    """The planned configuration as YAML: `out`, or FILE.plan.yaml beside FILE (never FILE itself)."""
-    import yaml
-
-    from pipeline.files import write_text
-
-    target = out or file.with_name(f"{file.stem}.plan.yaml")
-    if target.resolve() == file.resolve():
-        raise UserError(f"--out {target}: that is the stages file itself; choose another name")
-    text = f"# {command}\n" + yaml.safe_dump(raw, sort_keys=False)
-    write_or_fail(f"--out: cannot write {target}", lambda: write_text(target, text))
-    return target
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
@@ -221,16 +208,21 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_applied(raw: dict, file: Path, tool: str) -> Path:
-    """`--apply`: the configuration written beside FILE as FILE.<tool>.yaml; FILE itself is never rewritten."""
+def write_applied(raw: dict, file: Path, tool: str, out: Path | None = None, comment: str | None = None) -> Path:
+    """A configuration a tool made from FILE: `out`, else FILE.<tool>.yaml beside FILE (`--apply`;
+    `plan`), `comment` as its first line. FILE itself is never rewritten."""
     import yaml
 
     from pipeline.files import write_text
 
-    target = file.with_name(f"{file.stem}.{tool}.yaml")
+    target = out or file.with_name(f"{file.stem}.{tool}.yaml")
     if target.resolve() == file.resolve():
+        if out is not None:
+            raise UserError(f"--out {target}: that is the stages file itself; choose another name")
         target = file.with_name(f"{file.stem}.{tool}-2.yaml")
-    write_or_fail(f"--apply: cannot write {target}", lambda: write_text(target, yaml.safe_dump(raw, sort_keys=False)))
+    text = (f"# {comment}\n" if comment else "") + yaml.safe_dump(raw, sort_keys=False)
+    option = "--out" if tool == "plan" else "--apply"
+    write_or_fail(f"{option}: cannot write {target}", lambda: write_text(target, text))
     return target
 
 
@@ -454,6 +446,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def run_budget(args: argparse.Namespace) -> int:
     """`run FILE --budget D`: plan (the measuring counts against the budget), run the plan, then
     predicted against actual seconds."""
+    import dataclasses
     import time
 
     from pipeline.budget import actual_seconds, format_outcome, format_plan, parse_duration, plan_budget
@@ -479,14 +472,15 @@ def run_budget(args: argparse.Namespace) -> int:
     run_dir = run_training(parse_config(plan.raw), out_dir=args.out)
     total = time.perf_counter() - begin
     actual = actual_seconds(run_dir, len(plan.stage_seconds))
-    print(format_outcome(plan, actual, total - spent - sum(actual), spent, budget))
+    start = total - spent - sum(actual)  # the run's own start and end
+    print(format_outcome(plan, actual, start, spent, budget))
     report = {
         "budget_s": budget,
         "planning_s": round(spent, 2),
         "predicted_s": {"start": round(plan.start_s, 2), "stages": [round(s, 2) for s in plan.stage_seconds]},
-        "actual_s": {"start": round(total - spent - sum(actual), 2), "stages": [round(s, 2) for s in actual]},
+        "actual_s": {"start": round(start, 2), "stages": [round(s, 2) for s in actual]},
         "total_s": round(total, 2),
-        "speeds": speeds.to_dict(),
+        "speeds": dataclasses.asdict(speeds),
     }
     write_or_fail(f"cannot write {run_dir / 'budget.json'}", lambda: write_json(run_dir / "budget.json", report))
     return 0

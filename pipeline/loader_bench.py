@@ -40,9 +40,9 @@ class LoaderSpeed:
     cpu_percent: float = 0.0  # CPU time of this process and its workers over wall time, x100
 
 
-def endless(loader: Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The loader's batches epoch after epoch, as a run consumes them."""
-    for epoch in count():
+def endless(loader: Loader, first_epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches epoch after epoch (from `first_epoch`), as a run consumes them."""
+    for epoch in count(first_epoch):
         loader.set_epoch(epoch)
         yield from loader
 
