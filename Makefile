@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev,dali,export]"
+	$(PY) -m pip install -e ".[dev,dali,torchcodec,export]"
 	touch $@
 
 run: $(VENV)/.installed

@@ -105,7 +105,7 @@ class DataConfig:
     val: str = "demo"
     backend: Literal["tv2", "dali"] = "tv2"
     workers: int | Literal["auto"] = checked("auto", workers_check)
-    decode_on: Literal["auto", "workers", "device"] = "auto"  # auto: device (nvJPEG) on CUDA
+    decode_on: Literal["auto", "workers", "device"] = "auto"  # auto: device for DALI on CUDA, else workers
     scale: tuple[float, float] = checked((0.35, 1.0), scale_check)  # RandomResizedCrop area range
     ratio: tuple[float, float] = checked((3 / 4, 4 / 3), ratio_check)
     hflip: float = checked(0.5, unit_closed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,11 +43,23 @@ def from_environment() -> World:
 
 
 def resolve_device(name: str, world: World = World()) -> torch.device:
-    """`auto`: CUDA if present; under torchrun each process takes the GPU of its local rank."""
+    """`auto`: CUDA if present; under torchrun each process takes the GPU of its local rank. On CUDA,
+    also cuDNN autotuning and TF32, for training, evaluation and prediction alike."""
+    device = _pick_device(name, world)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a few input shapes per stage: each tuned once
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def _pick_device(name: str, world: World) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device: cuda was asked for but no CUDA device is available (use auto or cpu)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu" and torch.version.cuda and nvidia_gpu_present():
+            raise ConfigError(unusable_gpu())
     if name == "cuda" and world.distributed:
         if world.local_rank >= torch.cuda.device_count():
             raise ConfigError(
@@ -57,6 +70,26 @@ def resolve_device(name: str, world: World = World()) -> torch.device:
     return torch.device(name)
 
 
+DRIVER_FOR_CUDA = {13: 580, 12: 525}  # the oldest NVIDIA driver branch each CUDA major runs on
+
+
+def nvidia_gpu_present() -> bool:
+    """The NVIDIA kernel driver shows a GPU, whether or not this torch build can use it."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def unusable_gpu() -> str:
+    """Why `device: auto` stops rather than training on the CPU: hours at a fraction of the speed."""
+    cuda = torch.version.cuda
+    driver = DRIVER_FOR_CUDA.get(int(cuda.split(".")[0]))
+    needs = f" needs NVIDIA driver {driver} or newer" if driver else ""
+    return (
+        f"run.device: auto: this machine has an NVIDIA GPU, but torch {torch.__version__} (built for CUDA "
+        f"{cuda}{needs}) cannot use it (`nvidia-smi` shows the driver version); install the torch build for this "
+        "driver's CUDA (https://pytorch.org/get-started/locally/), or set run.device: cpu to train on the CPU"
+    )
+
+
 def init(world: World, cuda: bool) -> None:
     """Join the process group: NCCL between GPUs, gloo on CPU. A rank that fails or stalls brings the
     others down after `timeout` rather than leaving them waiting for ever."""
@@ -64,7 +97,9 @@ def init(world: World, cuda: bool) -> None:
         return
     if cuda:
         torch.cuda.set_device(world.local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+    # device_id binds NCCL to this process's GPU at once (no guessing at the first barrier)
+    device = torch.device("cuda", world.local_rank) if cuda else None
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10), device_id=device)
 
 
 def shutdown() -> None:
@@ -92,6 +127,15 @@ def from_main(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_all(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order (a list of one for a world of one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def same_buffers(*modules: torch.nn.Module | None) -> None:

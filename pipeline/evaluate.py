@@ -60,13 +60,16 @@ def run_folder(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
-def load_member(path: Path, device: torch.device, use_ema: bool) -> Member:
+def load_member(
+    path: Path, device: torch.device, use_ema: bool, memory_format: torch.memory_format = torch.channels_last
+) -> Member:
+    """A checkpoint's model, for inference (channels_last by default: as the loaders' batches)."""
     checkpoint = Checkpoint.read(path)  # weights_only
     if use_ema and checkpoint.state_dict_ema is None:
         raise UserError(f"{path}: --ema asked for, but this run kept no EMA weights (train.ema was off)")
     model = timm.create_model(checkpoint.arch, pretrained=False, num_classes=checkpoint.num_classes)
     model.load_state_dict(checkpoint.weights(use_ema))
-    model.to(device).eval()
+    model.to(device, memory_format=memory_format).eval()
     return Member(path, model, list(checkpoint.classes), checkpoint.config)
 
 
@@ -101,9 +104,9 @@ def predict(
                 with precision.autocast(device):
                     p = model(v).float().softmax(dim=1)
                 total = p if total is None else total + p
-        probs.append((total / (len(models) * len(views))).cpu())
-        labels.append(y.cpu())
-    return torch.cat(probs), torch.cat(labels)
+        probs.append(total / (len(models) * len(views)))
+        labels.append(y)
+    return torch.cat(probs).cpu(), torch.cat(labels).cpu()  # one host sync, at the end
 
 
 def metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:

@@ -118,3 +118,10 @@ def test_predict_speed(tiny_config, tmp_path):
     assert row["images"] == 20 and row["img_size"] == 16 and len(row["ratios"]) == 2
     assert row["eval_images_per_s"] > 0 and row["predict_images_per_s"] > 0
     assert "| 20 | 16 | 8 |" in text
+
+
+def test_cpu_decoders():
+    text = run_script("cpu_decoders.py", "--sizes", "64x48", "--stage", "8,32", "--repeats", "2")
+    rows = [line for line in text.splitlines() if line.startswith("| 64x48")]
+    assert [row.split(" | ")[1:3] for row in rows] == [["8", "1/4"], ["32", "1/1"]]  # the loader's DCT rule
+    assert "PIL, reduced DCT" in text and all(float(v) > 0 for v in rows[0].strip("| ").split(" | ")[3:])

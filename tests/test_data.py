@@ -125,7 +125,7 @@ def test_workers_mode_and_device_mode_agree(splits, train):
         assert torch.equal(ya, yb)
         # same crop boxes; PIL (workers, reduced-size decoding) and torch resample a little differently
         diff = (xa - xb).abs().mean(dim=(1, 2, 3))
-        assert diff.max() < 0.03  # measured <= 0.018; two different images differ by >= 0.6
+        assert diff.max() < 0.12  # measured <= 0.10 (device: batched roi_align resampling); different images >= 0.6
 
 
 def test_sampler_shards_cover_the_dataset_once():

@@ -139,3 +139,38 @@ def test_an_error_on_one_rank_brings_the_job_down_with_its_message(ddp_config, t
     assert proc.returncode != 0
     assert f"{bad}: cannot decode image" in err  # said by whichever rank read the file
     assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err
+
+
+DRAWS = """
+import json, os, sys
+import torch
+from pipeline.config import load_config
+from pipeline.train.run import RunHooks, run_training
+
+parts = {}
+draws = []
+
+def epoch_start(stage, epoch):  # what the step's Mixup and dropout would draw first this epoch
+    lam, cutmix = parts["step"].mixup._params_per_batch()
+    draws.append([stage, epoch, float(lam), bool(cutmix), torch.rand(4).tolist()])
+
+hooks = RunHooks(stage_built=lambda p: parts.update(step=p.train_step), epoch_start=epoch_start)
+run_training(load_config(sys.argv[1]), out_dir=sys.argv[2], hooks=hooks)
+with open(os.path.join(sys.argv[3], f"draws-{os.environ['RANK']}.json"), "w") as f:
+    json.dump(draws, f)
+"""
+
+
+def test_each_process_draws_its_own_mixup_and_dropout(ddp_config, tmp_path):
+    cfg = yaml.safe_load(ddp_config.read_text())
+    cfg["train"]["mixup"] = {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}  # drawn per batch: lambda, box, which
+    cfg["stages"] = cfg["stages"][:1]
+    ddp_config.write_text(yaml.safe_dump(cfg))
+    script = tmp_path / "draws.py"
+    script.write_text(DRAWS)
+    finish(launch([*TORCHRUN, str(script), str(ddp_config), str(tmp_path / "runs"), str(tmp_path)], tmp_path))
+    rank0, rank1 = (json.loads((tmp_path / f"draws-{r}.json").read_text()) for r in (0, 1))
+    assert len(rank0) == len(rank1) == cfg["stages"][0]["epochs"]
+    for a, b in zip(rank0, rank1):
+        assert a[:2] == b[:2] and a[2:] != b[2:]  # the same epoch, different draws
+        assert a[4] != b[4]  # torch's generator too (dropout, drop-path)

@@ -69,7 +69,7 @@ def test_export_matches_the_checkpoint(tiny_run, tmp_path, capsys, val_images, f
     out = capsys.readouterr().out
     assert reported_difference(out) < TOLERANCE
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", FORMATS[fmt]}
-    reference = load_member(tiny_run / "checkpoints" / "best.pt", CPU, use_ema=False).model
+    reference = load_member(tiny_run / "checkpoints" / "best.pt", CPU, False, torch.contiguous_format).model
     exported = load_export(fmt, tmp_path)
     with torch.no_grad():
         for batch in (val_images, val_images[:1]):  # neither is the batch it was traced with: the batch is dynamic
@@ -94,7 +94,7 @@ def test_safetensors_export_loads_through_timm_with_its_preprocessing(tiny_run, 
         pretrained=True,
         pretrained_cfg_overlay=dict(pre, file=str(tmp_path / "model.safetensors")),
     ).eval()
-    reference = load_member(tiny_run / "checkpoints" / "best.pt", CPU, use_ema=False).model
+    reference = load_member(tiny_run / "checkpoints" / "best.pt", CPU, False, torch.contiguous_format).model
     with torch.no_grad():
         assert torch.equal(model(val_images), reference(val_images))
     data = timm.data.resolve_data_config(model=model)

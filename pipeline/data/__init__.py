@@ -50,10 +50,22 @@ def scan_datasets(cfg: DataConfig) -> Datasets:
 
 
 def resolve_workers(workers: int | str) -> int:
-    """`auto`: all cores but one for decoding (at most 8); the main process feeds the device."""
+    """`auto`: the cores this process may use, less one for each process feeding a device, shared among
+    the processes torchrun starts on this node (LOCAL_WORLD_SIZE); at least 1, at most 8 each."""
     if workers == "auto":
-        return max(1, min(8, (os.cpu_count() or 2) - 1))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+        return max(1, min(8, (cores - local) // local))
     return int(workers)
+
+
+def resolve_decode_on(cfg: DataConfig, device: torch.device) -> str:
+    """`auto`: DALI decodes on the GPU (its `mixed` decoder, what it is for); tv2 decodes in its workers
+    everywhere: in parallel, off the training thread, at PIL's reduced DCT scale for small stages (the
+    pixels every benchmark measured), where nvJPEG runs in the training thread (docs/gpu.md)."""
+    if cfg.decode_on != "auto":
+        return cfg.decode_on
+    return "device" if cfg.backend == "dali" and device.type == "cuda" else "workers"
 
 
 def describe_loader(data: DataConfig) -> str:
@@ -79,9 +91,7 @@ def build_loader(
     """A loader for one split and one stage. Training: shuffled per epoch, per-sample crops, last
     partial batch dropped; validation: every sample once, in order, resize + centre crop."""
     require_backend(cfg.backend)
-    decode_on = cfg.decode_on
-    if decode_on == "auto":
-        decode_on = "device" if device.type == "cuda" else "workers"
+    decode_on = resolve_decode_on(cfg, device)
     spec = LoaderSpec(
         img_size=img_size,
         batch_size=batch_size,

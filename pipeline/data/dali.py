@@ -27,6 +27,9 @@ from pipeline.errors import DataError
 
 READER = "reader"
 PREFETCH = 2  # batches DALI prepares ahead; also how far past the consumed batch a decode error can be
+# the mixed decoder upsamples chroma as the CPU one does (libjpeg-turbo's fancy upsampling; off by
+# default): the same pixels whichever decodes
+DECODER_OPTIONS = {"output_type": types.RGB, "jpeg_fancy_upsampling": True}
 UNSUPPORTED = (".gif",)  # in the ImageFolder extensions, but not decodable by DALI
 
 
@@ -55,6 +58,8 @@ class DALILoader:
         self._closed = False
         self._skip = 0  # batches of the next epoch to drop (resumed mid-epoch)
         self._local = False  # validation without skipped files: this rank's files alone
+        # nvJPEG / nvImageCodec on the GPU ("mixed"), or libjpeg-turbo and friends on the CPU
+        self._decoder = "mixed" if spec.device.type == "cuda" and spec.decode_on == "device" else "cpu"
 
     def __len__(self) -> int:
         size = self._shard[1] - self._shard[0]
@@ -159,7 +164,7 @@ class DALILoader:
     def _build_pipeline(self, files: list[str], labels: list[int]) -> Pipeline:
         spec = self.spec
         cuda = spec.device.type == "cuda"
-        decoder = "mixed" if cuda and spec.decode_on == "device" else "cpu"
+        decoder = self._decoder
         device_id = None  # DALI on CPU only
         if cuda:
             device_id = spec.device.index if spec.device.index is not None else torch.cuda.current_device()
@@ -170,7 +175,10 @@ class DALILoader:
             device_id=device_id,
             seed=int(seed),
             prefetch_queue_depth=PREFETCH,
-            exec_dynamic=True,  # outputs are handed to PyTorch without a copy
+            # outputs are handed to PyTorch without a copy; safe on the GPU: the buffer torch drops goes
+            # back to DALI's pool only after a cudaDeviceSynchronize (DLTensorGraveyard, dltensor.cc),
+            # so kernels still queued on torch's stream have read it
+            exec_dynamic=True,
         )
         size = spec.img_size
         with pipe:
@@ -186,7 +194,7 @@ class DALILoader:
                 images = fn.decoders.image_random_crop(
                     encoded,
                     device=decoder,
-                    output_type=types.RGB,
+                    **DECODER_OPTIONS,
                     random_area=list(spec.scale),
                     random_aspect_ratio=list(spec.ratio),
                     num_attempts=10,
@@ -194,7 +202,7 @@ class DALILoader:
                 images = fn.resize(images, size=[size, size], antialias=True)
                 crop = {"mirror": fn.random.coin_flip(probability=spec.hflip)}
             else:
-                images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+                images = fn.decoders.image(encoded, device=decoder, **DECODER_OPTIONS)
                 # timm's crop_pct: the shorter side to size / crop_pct, then the centre
                 images = fn.resize(images, resize_shorter=math.floor(size / spec.crop_pct), antialias=True)
                 crop = {"crop": [size, size]}
@@ -222,7 +230,7 @@ class DALILoader:
         start, end = self._shard
         window = files[start:end][batch * self.batch_size : (batch + PREFETCH + 2) * self.batch_size]
         for path in sorted(window, key=lambda f: f not in message):
-            reason = decode_failure(path)
+            reason = decode_failure(path, on_gpu=self._decoder == "mixed")
             if reason is not None:
                 return path, reason
         return None
@@ -256,13 +264,15 @@ def trim_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-def decode_failure(path: str) -> str | None:
-    """Why DALI cannot decode one file (None if it can): decodes it alone, on the CPU."""
+def decode_failure(path: str, on_gpu: bool = False) -> str | None:
+    """Why DALI cannot decode one file (None if it can): decodes it alone, with the pipeline's own
+    decoder (a file nvJPEG rejects, as a truncated JPEG, may decode on the CPU)."""
     import nvidia.dali.experimental.dynamic as ndd
 
     try:
         data = np.fromfile(path, dtype=np.uint8)
-        ndd.decoders.image(ndd.as_tensor(data), device="cpu").evaluate()
+        # dynamic mode's "gpu" is the mixed (nvJPEG / nvImageCodec) decoder
+        ndd.decoders.image(ndd.as_tensor(data), device="gpu" if on_gpu else "cpu", **DECODER_OPTIONS).evaluate()
     except Exception as e:  # noqa: BLE001 - any failure here is the answer
         text = re.sub(r"\s+", " ", str(e)).strip()
         return text or type(e).__name__

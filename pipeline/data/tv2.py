@@ -1,16 +1,19 @@
 """The torchvision-v2 loader: per-sample seeded crops and flips, uint8 until the device.
 
 Decoding runs in DataLoader workers (CPU) or, with `decode_on: device`, in batch on the training
-device (nvJPEG on CUDA); the augmentation code is the same for CPU and CUDA tensors.
+device (nvJPEG on CUDA), where each batch is cropped and resized at once (pipeline.data.crops);
+`augment` is the per-sample reference, for CPU and CUDA tensors.
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib.metadata
 import io
 import math
+import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,6 +23,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.data.cache import DecodedCache
+from pipeline.data.crops import gather_crops, padded_groups, roi_resize, stack_padded
 from pipeline.data.folder import ImageFolderIndex, dct_scale, jpeg_region, read_image, warn_skipped
 from pipeline.data.spec import (
     IMAGENET_MEAN,
@@ -188,11 +192,91 @@ def augment_block(block: torch.Tensor, seeds: list[int], spec: LoaderSpec) -> to
     return torch.stack([augment(img, 0, spec, tuple(box)) for img, box in zip(block, boxes)])
 
 
+def augment_batch(images: torch.Tensor | list[torch.Tensor], seeds: list[int], spec: LoaderSpec) -> torch.Tensor:
+    """`augment` for a batch on the training device, in a few batched kernels: a B x H x W x 3 block
+    of equal squares (the cache) or a list of 3 x H x W images -> uint8 B x 3 x S x S."""
+    if isinstance(images, torch.Tensor) and not spec.train:
+        return augment(images.permute(0, 3, 1, 2), 0, spec)  # already one resize + centre crop, exact
+    if isinstance(images, torch.Tensor):
+        heights = widths = np.full(len(images), images.shape[1])
+    else:
+        heights, widths = (np.array([img.shape[k] for img in images]) for k in (1, 2))
+    if spec.train:
+        drawn = draw_crops(heights, widths, np.asarray(seeds), spec)
+        boxes, flips = drawn[:, :4], drawn[:, 4]
+    else:
+        boxes, flips = np.array([centre_box(h, w, spec) for h, w in zip(heights, widths)]), None
+    if isinstance(images, torch.Tensor):
+        crops, boxes = gather_crops(images, boxes)
+        return roi_resize(crops, boxes, spec.img_size, flips)
+    margin = 0 if spec.train else 1  # training resizes the crop alone, validation the whole image
+    out = torch.empty(len(images), 3, spec.img_size, spec.img_size, dtype=torch.uint8, device=images[0].device)
+    for group in padded_groups(np.stack([heights, widths], axis=1), boxes, margin):
+        crops, moved_boxes = stack_padded([images[i] for i in group], boxes[group], margin)
+        index = torch.from_numpy(group).to(out.device)
+        out[index] = roi_resize(crops, moved_boxes, spec.img_size, None if flips is None else flips[group])
+    return out
+
+
+def batched_jpeg_decoder() -> Callable[..., list[torch.Tensor]]:
+    """TorchCodec's decode_jpeg where it is installed (0.17 on: batched nvJPEG, its decode ordered with
+    the stream it is called on, meta-pytorch/torchcodec#1634); else torchvision's, deprecated since
+    0.29 and not fixed (pytorch/vision#9606). Both take (list of bytes, mode="RGB", device=)."""
+    try:
+        from torchcodec.decoders import decode_jpeg as codec_decode_jpeg
+
+        if tuple(int(p) for p in importlib.metadata.version("torchcodec").split(".")[:2]) >= (0, 17):
+            return codec_decode_jpeg
+    except Exception:  # noqa: BLE001 - not installed, or a build for another torch or CUDA
+        pass
+    return decode_jpeg
+
+
+jpeg_decoder = batched_jpeg_decoder()  # `decode_jpegs`'s decoder (tests put a failing one here)
+
+
+def decode_jpegs(
+    items: list[torch.Tensor], device: torch.device, stream: torch.cuda.Stream | None = None
+) -> list[torch.Tensor]:
+    """JPEG bytes -> 3 x H x W uint8 images on `device`, in one call; on CUDA under `stream`, a side
+    stream of the caller's. Its outputs then come from that stream's pool, never from blocks the
+    training stream freed while kernels queued there may still read them (torchvision's decoder writes
+    into such blocks from a stream of its own: pytorch/vision#9606), and TorchCodec's host wait before
+    decoding waits for this idle stream, not for the whole training queue."""
+    if stream is None:
+        return jpeg_decoder(items, mode="RGB", device=device)
+    with torch.cuda.stream(stream):
+        images = jpeg_decoder(items, mode="RGB", device=device)
+    current = torch.cuda.current_stream(device)
+    current.wait_stream(stream)
+    for img in images:
+        img.record_stream(current)  # freed blocks return to the side stream's pool only after this use
+    return images
+
+
 SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers: they carry the size
+
+
+NVJPEG_FRAMES = (0xC0, 0xC1, 0xC2)  # Huffman baseline, extended and progressive: what nvJPEG decodes
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from a JPEG's frame header, walking the marker segments; None if not a JPEG."""
+    frame = jpeg_frame(data)
+    return frame[:2] if frame is not None else None
+
+
+def nvjpeg_can_decode(data: bytes) -> bool:
+    """8-bit Huffman JPEGs of 1 or 3 components: nvJPEG (and TorchCodec on it) fails on 12-bit,
+    arithmetic-coded and lossless ones, and CMYK / YCCK may come out in wrong colours (torchvision
+    skips them in its own CUDA tests), so those decode on the CPU."""
+    frame = jpeg_frame(data)
+    return frame is not None and frame[2] in NVJPEG_FRAMES and frame[3] == 8 and frame[4] in (1, 3)
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int, int, int] | None:
+    """(height, width, frame marker, bits per sample, components) from a JPEG's frame header, walking
+    the marker segments; None if not a JPEG."""
     if data[:2] != b"\xff\xd8":
         return None
     i, n = 2, len(data)
@@ -206,7 +290,7 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
             i += 2
         elif marker in SOF_MARKERS:
             height, width = (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
-            return (height, width) if height and width else None
+            return (height, width, marker, data[i + 4], data[i + 9]) if height and width else None
         elif marker == 0xDA:  # scan data before any frame header
             return None
         else:
@@ -312,15 +396,15 @@ class FolderDataset(Dataset):
         return images  # uint8 NCHW (channels_last view): a quarter of the bytes to the GPU
 
     def _encoded(self, path: str) -> torch.Tensor | None:
-        """JPEG bytes (decoded in batch on the device), or another format decoded here."""
+        """JPEG bytes nvJPEG takes (decoded in batch on the device), or the image decoded here."""
         try:
             data = read_file(path)
         except RuntimeError:
             return None
-        if is_jpeg(data):
+        if is_jpeg(data) and nvjpeg_can_decode(data.numpy().tobytes()):
             return data
         try:
-            return read_image(path)  # other formats decode here, in parallel workers
+            return read_image(path)  # other formats and JPEGs decode here, in parallel workers
         except DataError:
             return None
 
@@ -355,10 +439,12 @@ class TV2Loader:
             batch_size=None,
             sampler=BatchSampler(self.sampler, spec.batch_size, drop_last=spec.train),
             num_workers=spec.workers,
-            pin_memory=on_cuda and (spec.decode_on == "workers" or cache is not None),  # batches cross to the GPU
+            pin_memory=on_cuda,  # batches, labels included, cross to the GPU asynchronously
             persistent_workers=spec.workers > 0,
             worker_init_fn=ignore_stop_signals,
         )
+        self._decode_stream = None  # `decode_jpegs`'s side stream on CUDA, made at the first batch
+        self._cpu_jpegs: set[str] = set()  # JPEGs the batched decoder rejected: decoded on the CPU
 
     def __len__(self) -> int:
         n = self.sampler.full_length()
@@ -389,7 +475,7 @@ class TV2Loader:
             if bad and self.spec.on_error == "fail":
                 self._raise_unreadable(idxs[bad[0]])
             if self.cache is not None and self.spec.decode_on == "device":
-                images = augment_block(data.to(device, non_blocking=True).permute(0, 3, 1, 2), seeds, self.spec)
+                images = augment_batch(data.to(device, non_blocking=True), seeds, self.spec)
             elif self.spec.decode_on == "device":
                 images, failed = self._decode_on_device(_unpack(data), idxs, seeds)
                 bad = sorted(set(bad) | set(failed))
@@ -432,27 +518,42 @@ class TV2Loader:
         """JPEG bytes are decoded here in one batch; other formats arrive decoded from the workers.
         Also returns the positions that failed to decode (`on_error: skip`; else it raises)."""
         device = self.spec.device
-        jpeg = [i for i, d in enumerate(items) if d.ndim == 1]
+        paths = [self.index.samples[i][0] for i in idxs]
+        jpeg = [i for i, d in enumerate(items) if d.ndim == 1 and paths[i] not in self._cpu_jpegs]
         images: list = [None if d.ndim == 1 else d.to(device, non_blocking=True) for d in items]
-        if jpeg:
-            try:  # one batched call: nvJPEG on CUDA
-                decoded = decode_jpeg([items[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
-                for i, img in zip(jpeg, decoded):
-                    images[i] = img
-            except RuntimeError:
-                pass  # a corrupt JPEG in the batch: decode one by one below to name it
+        for i, img in zip(jpeg, self._decode_jpegs([items[i] for i in jpeg])):
+            images[i] = img
         failed = []
-        for i, img in enumerate(images):
-            if img is None:
-                path = self.index.samples[idxs[i]][0]
-                try:
-                    images[i] = read_image(path).to(device, non_blocking=True)
-                except DataError:
-                    if self.spec.on_error == "fail":
-                        raise
-                    failed.append(i)
-                    images[i] = torch.zeros(3, 8, 8, dtype=torch.uint8, device=device)  # replaced by _skip_bad
-        return torch.stack([augment(img, s, self.spec) for img, s in zip(images, seeds)]), failed
+        for i in [i for i, img in enumerate(images) if img is None]:
+            first = paths[i] not in self._cpu_jpegs
+            self._cpu_jpegs.add(paths[i])  # later epochs send it straight here
+            try:
+                images[i] = read_image(paths[i]).to(device, non_blocking=True)
+            except DataError:
+                if self.spec.on_error == "fail":
+                    raise
+                failed.append(i)
+                images[i] = torch.zeros(3, 8, 8, dtype=torch.uint8, device=device)  # replaced by _skip_bad
+                continue
+            if first:
+                print(f"warning: {paths[i]}: the batched JPEG decoder rejects it; decoded on the CPU", file=sys.stderr)
+        return augment_batch(images, seeds, self.spec), failed
+
+    def _decode_jpegs(self, items: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """`decode_jpegs`, None for each JPEG the decoder rejects: a failed call is split in halves
+        and retried, so one bad file costs a few calls, not the whole batch decoded on the CPU."""
+        if not items:
+            return []
+        device = self.spec.device
+        if device.type == "cuda" and self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(device)
+        try:
+            return decode_jpegs(items, device, self._decode_stream)
+        except RuntimeError:
+            if len(items) == 1:
+                return [None]
+            half = len(items) // 2
+            return self._decode_jpegs(items[:half]) + self._decode_jpegs(items[half:])
 
     def _raise_unreadable(self, idx: int) -> None:
         path = self.index.samples[idx][0]

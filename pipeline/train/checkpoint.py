@@ -89,7 +89,7 @@ class Checkpoint:
     state_dict_ema: dict[str, torch.Tensor] | None = None
     ema_updates: int = 0
     progress: dict[str, Any] = field(default_factory=dict)  # Progress.state_dict()
-    rng: dict[str, Any] | None = None
+    rng: list[dict[str, Any]] | dict[str, Any] | None = None  # one per rank (older: rank 0's alone)
     plan: list[dict[str, Any]] | None = None  # RunPlan.records(); absent from checkpoints of older versions
 
     REQUIRED = ("state_dict", "arch", "num_classes", "classes", "config")
@@ -114,6 +114,10 @@ class Checkpoint:
         scheduler.load_state_dict(self.scheduler)
         if scaler is not None and self.scaler:
             scaler.load_state_dict(self.scaler)
+
+    def rng_of(self, rank: int) -> dict[str, Any]:
+        """The RNG states of process `rank` (checkpoints of older versions: rank 0's, for every rank)."""
+        return self.rng[rank] if isinstance(self.rng, list) else self.rng
 
     def weights(self, use_ema: bool = False) -> dict[str, torch.Tensor]:
         return self.state_dict_ema if use_ema else self.state_dict
@@ -196,24 +200,37 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch and CUDA generator states, in types weights_only can load."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Python, NumPy, torch and the training device's CUDA generator states, in types weights_only
+    can load. CUDA: the training device's alone, which any machine that can resume can take back."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = cuda_rng_of(state["cuda"], device)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def cuda_rng_of(states: list[torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """The saved CUDA generator state for `device`. Older checkpoints hold one per GPU visible when
+    they were written (all 8 of a node), which `set_rng_state_all` cannot put back on fewer GPUs."""
+    if device.type != "cuda" or not states:
+        return None
+    if len(states) == 1:
+        return states[0]
+    index = device.index or 0
+    return states[index] if index < len(states) else None
 
 
 def seed_everything(seed: int) -> None:

@@ -102,7 +102,7 @@ class MetricsWindow:
         lr = self.pending[-1][2]
         shown = {"loss": f"{losses[-1]:.3f}", "lr": f"{lr:.3g}", "img/s": f"{rate:.0f}", **postfix}
         if self.loop.device.type == "cuda":
-            shown["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
+            shown["mem"] = f"{torch.cuda.max_memory_allocated(self.loop.device) / 2**30:.1f}G"
         self.bar.set_postfix(shown)
         self.pending = []
 
@@ -136,7 +136,7 @@ def train_epoch(
     due = False  # a checkpoint at the next update boundary (every process agrees on it)
     batches = iter(loader)  # creating the iterator may draw from torch's RNG:
     if rng is not None:  # a resumed epoch puts the RNGs back after it
-        set_rng_state(rng)
+        set_rng_state(rng, loop.device)
     try:
         for batch_idx, (x, y) in enumerate(batches, start=start):
             lr, momentum = current_lr_momentum(optimizer)
@@ -221,7 +221,7 @@ def reestimate_bn(
         return 0
     momenta = [m.momentum for m in norms]
     counts = [m.num_batches_tracked.clone() for m in norms]
-    rng = rng_state()
+    rng = rng_state(device)
     seen = 0
     try:
         for m in norms:
@@ -237,5 +237,5 @@ def reestimate_bn(
         for m, momentum, count in zip(norms, momenta, counts):
             m.momentum = momentum
             m.num_batches_tracked.copy_(count)
-        set_rng_state(rng)
+        set_rng_state(rng, device)
     return seen

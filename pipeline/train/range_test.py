@@ -173,7 +173,8 @@ def find_lr(
     With `seed`, the test's own draws (Mixup, dropout) are seeded, so it repeats exactly on resume."""
     model_state = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
-    rng = rng_state()
+    device = next(model.parameters()).device
+    rng = rng_state(device)
     try:
         with keep_modes(model):
             if seed is not None:
@@ -184,7 +185,7 @@ def find_lr(
     finally:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
-        set_rng_state(rng)
+        set_rng_state(rng, device)
 
 
 def write_csv(result: RangeTest, path: Path) -> None:
@@ -241,7 +242,8 @@ def stage_range_test(parts: StageParts, ctx: RunContext, **kwargs) -> RangeTest:
         # under torchrun: the mean loss of every process, so they all stop the test at the same step
         return distributed.sum_all(train_step(x, y).float().clone()) / world.world_size
 
-    return find_lr(ctx.model, parts.optimizer, global_step, batches, seed=derive_seed(parts.seed, 2**31), **kwargs)
+    seed = derive_seed(parts.seed, 2**31) + world.rank  # each rank its own Mixup and dropout draws
+    return find_lr(ctx.model, parts.optimizer, global_step, batches, seed=seed, **kwargs)
 
 
 def save_range_test(result: RangeTest, prefix: Path, title: str) -> None:

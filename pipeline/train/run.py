@@ -25,16 +25,14 @@ from pipeline.files import write_json, write_text
 from pipeline.model import build_model, param_groups
 from pipeline.report import MetricsLog, format_summary, plot_run
 from pipeline.train.checkpoint import Checkpoint, Checkpointer, Progress, derive_seed, rng_state, seed_everything
-from pipeline.train.loop import EpochResult, LoopSettings, evaluate, reestimate_bn, train_epoch
-from pipeline.train.plan import EpochPlan, RunPlan, plan_run
-from pipeline.train.preflight import check_groups, check_input_sizes, check_resume, prepare
+from pipeline.train.loop import EpochResult, LoopSettings, evaluate, train_epoch
+from pipeline.train.plan import RunPlan, plan_run
+from pipeline.train.preflight import check_groups, check_input_sizes, check_memory, check_resume, out_of_memory, prepare
 from pipeline.train.range_test import lr_for_run
 from pipeline.train.rundir import hold_run_dir, new_run_dir
 from pipeline.train.signals import StopSignals
 from pipeline.train.stage import RunContext, StageParts, build_stage
 from pipeline.train.step import WeightEma
-
-BN_PASSES = 2 * 10**6  # loader epochs of BatchNorm re-estimation: apart from the run's and the range test's
 
 
 @dataclass
@@ -94,6 +92,7 @@ def _train(
         check_input_sizes(model, cfg, plan, device)
     groups = param_groups(model)
     check_groups(model, cfg, groups)
+    memory = check_memory(model, cfg, plan, groups, device, progress.stage) if device.type == "cuda" else {}
     if cfg.train.sync_bn and world.distributed:
         model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
     if resume is None:
@@ -109,7 +108,7 @@ def _train(
         f"run folder {run_dir}\ndevice {device}{processes}; {len(datasets.train)} train / {len(datasets.val)} val "
         f"images, {num_classes} classes; model {cfg.model.arch} (groups {groups.describe()})"
     )
-    ctx = RunContext(cfg, device, model, groups, num_classes, datasets, world)
+    ctx = RunContext(cfg, device, model, groups, num_classes, datasets, world, memory=memory)
     if checkpoint is not None and checkpoint.state_dict_ema is not None:
         ctx.ema = WeightEma(model, cfg.stages[progress.stage].train.ema or cfg.train.ema or EmaConfig())
         ctx.ema.load_state_dict(checkpoint.state_dict_ema, checkpoint.ema_updates)
@@ -137,7 +136,10 @@ class Trainer:
         run_start = self._mark = time.perf_counter()
         for k in range(progress.stage, len(self.cfg.stages)):
             resume = checkpoint if (checkpoint is not None and progress.started) else None
-            self.run_stage(k, progress, resume)
+            try:
+                self.run_stage(k, progress, resume)
+            except torch.OutOfMemoryError:  # past the memory probe (compiled graphs, optimizer state)
+                raise out_of_memory(k, self.run_dir) from None
             checkpoint = None
         summary = {
             "stages": progress.stages,
@@ -161,7 +163,7 @@ class Trainer:
         with build_stage(self.ctx, k, self.plan, choose_lr=None if resume is not None else choose_lr) as parts:
             if resume is not None:
                 resume.restore_training(parts.optimizer, parts.scheduler, parts.train_step.scaler)
-            print(parts.describe(self.ctx.world))
+            print(parts.describe(self.ctx.world, self.ctx.memory.get(k)))
             if self.hooks.stage_built is not None:
                 self.hooks.stage_built(parts)
             for epoch in range(progress.epoch, parts.stage.epochs):
@@ -175,10 +177,11 @@ class Trainer:
         planned = self.plan.epoch(k, epoch)
         parts.fit_sizes(self.ctx, planned.img_size, planned.val_size)
         if start == 0:
-            self.reestimate_bn(parts, planned)
-            seed_everything(derive_seed(parts.seed, epoch))  # Mixup draws; resumed epochs repeat exactly
+            parts.reestimate_bn(self.ctx, self.plan, planned)
+            # Mixup and dropout draws, each rank its own (timm: seed + rank); resumed epochs repeat exactly
+            seed_everything(derive_seed(parts.seed, epoch) + self.ctx.world.rank)
         else:  # resumed mid-epoch: the RNGs as they were when the checkpoint was taken
-            rng = resume.rng
+            rng = resume.rng_of(self.ctx.world.rank)
         if self.hooks.epoch_start is not None:
             self.hooks.epoch_start(k, epoch)
         loader, train_step = parts.train_loader, parts.train_step
@@ -211,13 +214,6 @@ class Trainer:
             raise RuntimeError(f"stage {k} epoch {epoch}: {updates} optimizer updates, the plan has {expected}")
         progress.batch, progress.partial = 0, {}
         return result
-
-    def reestimate_bn(self, parts: StageParts, planned: EpochPlan) -> None:
-        """`bn_reestimate`: BatchNorm statistics measured at the new size when the training size changes."""
-        previous, images = self.plan.previous(parts.index, planned.epoch), parts.train_cfg.bn_reestimate
-        if images and previous is not None and previous.img_size != planned.img_size:
-            parts.train_loader.set_epoch(BN_PASSES + self.plan.epochs.index(planned))  # draws apart from the epochs'
-            reestimate_bn(self.ctx.model, parts.train_loader, images, parts.train_step.precision, self.ctx.device)
 
     def end_epoch(self, parts: StageParts, progress: Progress, epoch: int, result: EpochResult) -> None:
         """Validate, record, report and checkpoint a finished epoch; stop here if asked to."""
@@ -288,7 +284,7 @@ class Trainer:
             state_dict_ema=ema.state_dict() if ema is not None else None,
             ema_updates=ema.updates if ema is not None else 0,
             progress=progress.state_dict(),
-            rng=rng_state(),
+            rng=distributed.gather_all(rng_state(self.ctx.device)),  # each rank draws its own
             plan=self.plan.records(),
         )
 

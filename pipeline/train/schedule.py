@@ -10,18 +10,27 @@ import math
 import warnings
 
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, get_optimizer_class
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 from pipeline.config import OptimizerConfig, ScheduleConfig
 
+FUSED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)  # torch's optimizers with a fused CUDA kernel
 
-def build_optimizer(model_or_groups: torch.nn.Module | list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+
+def build_optimizer(
+    model_or_groups: torch.nn.Module | list[dict], cfg: OptimizerConfig, fused: bool = False
+) -> torch.optim.Optimizer:
     """timm's optimizer over a model (decay/no-decay groups) or over prepared param groups, whose
-    `lr_scale` becomes each group's LR here (torch schedulers read a group's LR as its peak)."""
+    `lr_scale` becomes each group's LR here (torch schedulers read a group's LR as its peak).
+    `fused`: torch's fused kernel where the optimizer has one (fp16 on CUDA: the GradScaler then
+    checks for overflow on the device, without a host sync at every step)."""
     # timm's `sgd` is Nesterov SGD and `momentum` plain momentum SGD
     name = "momentum" if cfg.name == "sgd" and not cfg.nesterov else cfg.name
     extra = {k: v for k, v in (("betas", cfg.betas), ("eps", cfg.eps)) if v is not None}
+    optimizer_class = get_optimizer_class(name)
+    if fused and getattr(optimizer_class, "func", optimizer_class) in FUSED:
+        extra["fused"] = True
     optimizer = create_optimizer_v2(
         model_or_groups, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, **extra
     )

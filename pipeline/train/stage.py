@@ -15,13 +15,19 @@ from pipeline.data import Datasets, Loader, build_loader, describe_loader
 from pipeline.distributed import World
 from pipeline.model import FreezePlan, ParamGroups, apply_freeze, optimizer_param_groups
 from pipeline.train.checkpoint import derive_seed
-from pipeline.train.plan import RunPlan, image_size, train_batch_size, validation_size
+from pipeline.train.loop import reestimate_bn
+from pipeline.train.plan import EpochPlan, RunPlan, image_size, train_batch_size, validation_size
 from pipeline.train.schedule import build_optimizer, build_scheduler
-from pipeline.train.step import TrainStep, WeightEma, build_train_step, compile_model
+from pipeline.train.step import TrainStep, WeightEma, build_train_step, compile_model, resolve_precision
+
+BN_PASSES = 2 * 10**6  # loader epochs of BatchNorm re-estimation: apart from the run's and the range test's
 
 
-def use_compile(stage: StageSpec, device: torch.device) -> bool:
-    return stage.train.compile == "on" or (stage.train.compile == "auto" and device.type == "cuda")
+def use_compile(stage: StageSpec, device: torch.device, sync_bn: bool = False) -> bool:
+    """`auto`: on CUDA, unless SyncBatchNorm is in use: Dynamo breaks the graph at every one of them
+    (pytorch#161302), which gives dozens of small graphs, each split again by DDP."""
+    auto = device.type == "cuda" and not sync_bn
+    return stage.train.compile == "on" or (stage.train.compile == "auto" and auto)
 
 
 class CompiledModel:
@@ -58,6 +64,8 @@ class RunContext:
     world: World = World()
     ema: WeightEma | None = None  # made by the first stage with `ema`
     compiled: CompiledModel = field(default_factory=CompiledModel)
+    memory: dict[int, int] = field(default_factory=dict)  # stage -> peak bytes of its probe (CUDA)
+    scaler: torch.amp.GradScaler | None = None  # fp16's, made by the first stage that needs one
 
 
 @dataclass
@@ -92,10 +100,19 @@ class StageParts:
             self.val_loader = stage_loader(ctx, self.stage, self.seed, train=False, size=val_size)
         self.sizes = (train_size, val_size)
 
+    def reestimate_bn(self, ctx: RunContext, plan: RunPlan, planned: EpochPlan) -> None:
+        """`bn_reestimate`: BatchNorm statistics measured at the new size when the training size changes."""
+        previous, images = plan.previous(self.index, planned.epoch), self.train_cfg.bn_reestimate
+        if images and previous is not None and previous.img_size != planned.img_size:
+            self.train_loader.set_epoch(BN_PASSES + plan.epochs.index(planned))  # draws apart from the epochs'
+            reestimate_bn(ctx.model, self.train_loader, images, self.train_step.precision, ctx.device)
+
     def close(self) -> None:
         for loader in (self.train_loader, self.val_loader):
             if loader is not None:
                 loader.close()
+        if torch.cuda.is_initialized():  # the next stage's shapes differ: hand the cached blocks back
+            torch.cuda.empty_cache()
 
     def __enter__(self) -> StageParts:
         return self
@@ -103,24 +120,28 @@ class StageParts:
     def __exit__(self, *exc) -> None:
         self.close()  # also on a stop or an error: the workers end now, not at exit
 
-    def describe(self, world: World = World()) -> str:
-        """The stage line printed when it starts."""
+    def describe(self, world: World = World(), peak_bytes: int | None = None) -> str:
+        """The stage line printed when it starts; `peak_bytes`: its memory probe's (CUDA)."""
         stage, tc, train_step = self.stage, self.train_cfg, self.train_step
         per_process = train_batch_size(stage, world.world_size)
         batches = len(self.train_loader) if self.train_loader is not None else 0
         sizes = f"{stage.start_size}->{stage.img_size}px" if stage.start_size else f"{stage.img_size}px"
+        compiled = "on" if self.compiled else "off"
+        if not self.compiled and stage.train.compile == "auto" and stage.train.sync_bn and world.distributed:
+            compiled += " (auto, with SyncBatchNorm)"
         if stage.val_size:
             sizes += f" (validation {stage.val_size}px)"
         return (
             f"stage {self.index}: {sizes}, batch {per_process * world.world_size}"
             + (f" ({per_process} per process)" if world.distributed else "")
             + f", {stage.epochs} epochs x {batches} steps; amp {train_step.precision.name}, "
-            f"compile {'on' if self.compiled else 'off'}, mixup {'on' if train_step.mixup else 'off'}; "
+            f"compile {compiled}, mixup {'on' if train_step.mixup else 'off'}; "
             f"loader {describe_loader(stage.data)}"
             + (f"; frozen {', '.join(self.freeze.frozen)}" if self.freeze.frozen else "")
             + (f"; {len(self.freeze.fixed_norms)} BatchNorm layers fixed" if self.freeze.fixed_norms else "")
             + (f"; {tc.accum_steps} micro-batches per step" if tc.accum_steps > 1 else "")
             + (f"; EMA {tc.ema.decay}" if tc.ema else "")
+            + (f"; memory {peak_bytes / 2**30:.1f} GiB at its largest size (probe)" if peak_bytes else "")
         )
 
 
@@ -152,6 +173,8 @@ def build_stage(
     stage = cfg.stages[k]
     tc = scaled_lr(stage)
     seed = derive_seed(cfg.run.seed, k)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the progress bar's `mem`: this stage's peak
     train_loader, val_loader = _loaders(ctx, stage, seed, validation)
     try:
         model = ctx.model
@@ -164,6 +187,7 @@ def build_stage(
         optimizer = build_optimizer(
             optimizer_param_groups(model, tc, ctx.groups, f"stages.{k}"),
             replace(tc.optimizer, lr=1.0) if find else tc.optimizer,  # the placeholder keeps each group's ratio
+            fused=device.type == "cuda" and resolve_precision(tc.amp, device).needs_scaler,
         )
         net, train_net = _networks(ctx, stage, freeze)
         parts = StageParts(
@@ -189,7 +213,10 @@ def build_stage(
                 group["lr"] *= lr  # the placeholder 1.0 kept each group's ratio
         if plan is not None:
             parts.scheduler = build_scheduler(optimizer, tc.schedule, *schedule_span(plan, k, tc.schedule.scope))
-        parts.train_step = build_train_step(train_net, optimizer, parts.scheduler, tc, device, ctx.num_classes, ema=ema)
+        parts.train_step = build_train_step(
+            train_net, optimizer, parts.scheduler, tc, device, ctx.num_classes, ema=ema, scaler=ctx.scaler
+        )
+        ctx.scaler = parts.train_step.scaler or ctx.scaler  # fp16: the loss scale goes on to the next stage
         return parts
     except BaseException:
         for loader in (train_loader, val_loader):
@@ -241,13 +268,16 @@ def _loaders(ctx: RunContext, stage: StageSpec, seed: int, validation: bool) -> 
 def _networks(ctx: RunContext, stage: StageSpec, freeze: FreezePlan) -> tuple[torch.nn.Module, torch.nn.Module]:
     """What evaluation calls (compiled, or the model) and what the step calls (that, or DDP)."""
     model, device = ctx.model, ctx.device
-    net = ctx.compiled.of(model, freeze) if use_compile(stage, device) else model
+    sync_bn = ctx.world.distributed and ctx.cfg.train.sync_bn
+    net = ctx.compiled.of(model, freeze) if use_compile(stage, device, sync_bn) else model
     if not ctx.world.distributed:
         return net, net
     # DDP, then torch.compile, as timm's train.py: the compiled backward then overlaps the gradient
     # all-reduce (DDPOptimizer); evaluation calls `net`, with no DDP
     ids = [device.index] if device.type == "cuda" else None
-    train_net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # no buffer broadcast at every forward (timm's --no-ddp-bb): evaluation and checkpoints take rank
+    # 0's BatchNorm statistics anyway (distributed.same_buffers), and training uses batch statistics
+    train_net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     return net, (compile_model(train_net) if net is not model else train_net)
 
 

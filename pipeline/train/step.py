@@ -56,11 +56,14 @@ class Precision:
 
 
 def resolve_precision(amp: str, device: torch.device) -> Precision:
-    """`auto`: bf16 where CUDA supports it, else fp16 on CUDA; off on CPU."""
+    """`auto`: bf16 where the GPU computes in it natively (Ampere on), else fp16 on CUDA; off on CPU."""
     if amp == "auto":
         if device.type != "cuda":
             return Precision(None)
-        return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        # the default also counts emulated bf16 (Turing: T4), which is slow and which Inductor refuses
+        # to compile (it skips the frame and runs eager): pytorch#118122
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return Precision(torch.bfloat16 if native else torch.float16)
     return Precision({"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp])
 
 
@@ -209,11 +212,16 @@ def build_train_step(
     num_classes: int,
     ema: WeightEma | None = None,
     accumulate: bool = True,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> TrainStep:
-    """The step a stage's training settings describe: precision, GradScaler (fp16 only), Mixup,
-    accumulation (unless `accumulate` is off, as for the LR range test), clipping, EMA."""
+    """The step a stage's training settings describe: precision, GradScaler (fp16 only: `scaler`, the
+    previous stage's, goes on with the loss scale it found), Mixup, accumulation (unless `accumulate`
+    is off, as for the LR range test), clipping, EMA."""
     precision = resolve_precision(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
+    if not precision.needs_scaler:
+        scaler = None
+    elif scaler is None:
+        scaler = torch.amp.GradScaler(device.type)
     mixup = build_mixup(cfg.mixup, cfg.label_smoothing, num_classes)
     return TrainStep(
         net,
