@@ -1,5 +1,5 @@
-"""The batched crop-and-resize of `decode_on: device` against the per-sample `augment`, and the
-device decoder: which one (TorchCodec or torchvision), a JPEG it rejects or cannot take, the CUDA stream fence on the CPU."""
+"""The batched crop-and-resize of `decode_on: device` against the per-sample `augment`, and the device
+decoder: which one (TorchCodec or torchvision), JPEGs it rejects or cannot take, the stream fence on CPU."""
 
 from __future__ import annotations
 
