@@ -6,6 +6,8 @@ Outside torchrun every helper is a no-op for a world of one, so the runner never
 from __future__ import annotations
 
 import os
+import re
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -58,8 +60,8 @@ def _pick_device(name: str, world: World) -> torch.device:
         raise ConfigError("run.device: cuda was asked for but no CUDA device is available (use auto or cpu)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name == "cpu" and torch.version.cuda and nvidia_gpu_present():
-            raise ConfigError(unusable_gpu())
+        if name == "cpu":
+            check_unused_gpu()
     if name == "cuda" and world.distributed:
         if world.local_rank >= torch.cuda.device_count():
             raise ConfigError(
@@ -73,20 +75,36 @@ def _pick_device(name: str, world: World) -> torch.device:
 DRIVER_FOR_CUDA = {13: 580, 12: 525}  # the oldest NVIDIA driver branch each CUDA major runs on
 
 
-def nvidia_gpu_present() -> bool:
-    """The NVIDIA kernel driver shows a GPU, whether or not this torch build can use it."""
-    return any(Path("/dev").glob("nvidia[0-9]*"))
+def driver_version() -> int | None:
+    """The loaded NVIDIA kernel driver's branch (580 for 580.65.06); None without one."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    found = re.search(r"Kernel Module.*?\s(\d{3,})\.\d", text)
+    return int(found.group(1)) if found else None
 
 
-def unusable_gpu() -> str:
-    """Why `device: auto` stops rather than training on the CPU: hours at a fraction of the speed."""
-    cuda = torch.version.cuda
-    driver = DRIVER_FOR_CUDA.get(int(cuda.split(".")[0]))
-    needs = f" needs NVIDIA driver {driver} or newer" if driver else ""
-    return (
-        f"run.device: auto: this machine has an NVIDIA GPU, but torch {torch.__version__} (built for CUDA "
-        f"{cuda}{needs}) cannot use it (`nvidia-smi` shows the driver version); install the torch build for this "
-        "driver's CUDA (https://pytorch.org/get-started/locally/), or set run.device: cpu to train on the CPU"
+def check_unused_gpu() -> None:
+    """`device: auto` found no usable CUDA device on a machine with an NVIDIA driver. A driver too old
+    for this torch build stops the run (it would train on the CPU for hours at a fraction of the
+    speed); a GPU hidden or busy (CUDA_VISIBLE_DEVICES, exclusive mode) is a warning."""
+    driver, cuda = driver_version(), torch.version.cuda
+    if driver is None or not cuda:
+        return
+    needed = DRIVER_FOR_CUDA.get(int(cuda.split(".")[0]), 0)
+    if driver < needed:
+        raise ConfigError(
+            f"run.device: auto: the NVIDIA driver {driver} is too old for torch {torch.__version__}, built for "
+            f"CUDA {cuda}, which needs driver {needed} or newer, so it would train on the CPU; update the driver, "
+            "install the torch build for this driver's CUDA (https://pytorch.org/get-started/locally/), "
+            "or set run.device: cpu"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hidden = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+    print(
+        f"warning: run.device: auto: torch cannot use this machine's NVIDIA GPU{hidden}; training on the CPU",
+        file=sys.stderr,
     )
 
 

@@ -277,3 +277,15 @@ def test_torchcodec_and_torchvision_decode_the_same_pixels_on_the_cpu(mode, kw):
     Image.fromarray(pixels).convert(mode).save(out, "JPEG", quality=90, **kw)
     data = torch.frombuffer(bytearray(out.getvalue()), dtype=torch.uint8)
     assert torch.equal(codec.decode_jpeg(data, mode="RGB"), tv2.decode_jpeg(data, mode="RGB"))
+
+
+def test_a_device_error_while_decoding_is_not_blamed_on_the_files(jpegs, monkeypatch):
+    def out_of_memory(items, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tv2, "jpeg_decoder", out_of_memory)
+    ld = make_loader(jpegs, batch=8, decode_on="device")
+    with pytest.raises(torch.OutOfMemoryError):
+        next(iter(ld))
+    assert not any(p in tv2.CPU_JPEGS for p, _ in jpegs.samples)  # none sent to the CPU for good
+    ld.close()

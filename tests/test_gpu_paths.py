@@ -17,8 +17,8 @@ from pipeline.errors import ConfigError
 from pipeline.model import build_model, param_groups
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train.memory import check_memory, out_of_memory
 from pipeline.train.plan import plan_run
-from pipeline.train.preflight import check_memory
 from pipeline.train.run import run_training
 from pipeline.train.schedule import build_optimizer
 from pipeline.train.stage import RunContext, build_stage, use_compile
@@ -88,27 +88,46 @@ def test_amp_auto_takes_bf16_only_where_the_gpu_has_it(monkeypatch, native, expe
 
 
 @pytest.fixture
-def gpu_torch_cannot_use(monkeypatch):
+def no_cuda(monkeypatch):
+    """A CUDA 13 build of torch that finds no usable GPU; the driver's version is the test's to set."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(distributed, "nvidia_gpu_present", lambda: True)
+    return lambda version: monkeypatch.setattr(distributed, "driver_version", lambda: version)
 
 
-def test_a_gpu_that_torch_cannot_use_stops_device_auto(gpu_torch_cannot_use, tiny_config, write_yaml, capsys):
-    with pytest.raises(ConfigError, match=r"driver 580 or newer.*run\.device: cpu"):
+def test_a_driver_too_old_for_the_torch_build_stops_device_auto(no_cuda, tiny_config, write_yaml, capsys):
+    no_cuda(535)
+    with pytest.raises(ConfigError, match=r"driver 535 is too old .* needs driver 580 or newer.*run\.device: cpu"):
         distributed.resolve_device("auto")
     assert distributed.resolve_device("cpu") == CPU  # asked for by name: no complaint
     cfg = copy.deepcopy(tiny_config)
     cfg["run"]["device"] = "auto"
     assert main(["run", str(write_yaml(cfg))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "NVIDIA GPU" in err[0] and "torch" in err[0]
+    assert len(err) == 1 and "NVIDIA driver 535" in err[0]
 
 
-def test_no_gpu_at_all_is_the_cpu_without_a_word(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(distributed, "nvidia_gpu_present", lambda: False)
+def test_a_gpu_hidden_or_busy_is_a_warning_and_no_gpu_no_word(no_cuda, monkeypatch, capsys):
+    no_cuda(580)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert distributed.resolve_device("auto") == CPU
+    assert "cannot use this machine's NVIDIA GPU (CUDA_VISIBLE_DEVICES='')" in capsys.readouterr().err
+    no_cuda(None)  # no NVIDIA driver at all
+    assert distributed.resolve_device("auto") == CPU and capsys.readouterr().err == ""
+
+
+def test_the_driver_version_is_read_from_the_kernel_module(monkeypatch, tmp_path):
+    texts = {
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023": 535,
+        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build": 580,
+    }
+    real = distributed.Path
+    for text, version in texts.items():
+        (tmp_path / "version").write_text(text + "\nGCC version: gcc 12\n")
+        monkeypatch.setattr(distributed, "Path", lambda p: real(tmp_path / "version"))
+        assert distributed.driver_version() == version
+    monkeypatch.setattr(distributed, "Path", lambda p: real(tmp_path / "absent"))
+    assert distributed.driver_version() is None
 
 
 @pytest.mark.parametrize(("cores", "local", "expected"), [(16, 1, 8), (16, 4, 3), (16, 8, 1), (64, 8, 7), (2, 1, 1)])
@@ -166,10 +185,11 @@ class FitsUpTo(torch.nn.Module):
         return self.model(x)
 
 
-def probe(tiny_config, limit: int, stages: list[dict]):
+def probe(tiny_config, limit: int, stages: list[dict], world_size: int = 1):
     cfg = parse_config({**tiny_config, "stages": stages})
     model = FitsUpTo(build_model(cfg.model, 10), limit)
-    return cfg, model, lambda: check_memory(model, cfg, plan_run(cfg.stages, 40), param_groups(model), CPU)
+    plan = plan_run(cfg.stages, 40, world_size)
+    return cfg, model, lambda: check_memory(model, cfg, plan, param_groups(model), CPU, world_size=world_size)
 
 
 def test_the_memory_probe_names_the_stage_and_the_largest_batch_that_fits(tiny_config):
@@ -179,16 +199,20 @@ def test_the_memory_probe_names_the_stage_and_the_largest_batch_that_fits(tiny_c
         check()
     message = str(e.value)
     assert message.startswith("stages.0: a batch of 6 per process at 16px does not fit")
-    assert "the largest that fitted is 5 per process" in message and "stages.0.accum_steps to 2" in message
+    # batch_size is the micro-batch: fewer images a pass, more passes a step, the same images a step
+    assert "the largest that fitted is 5 per process: set stages.0.batch_size to 5 and its accum_steps to 2" in message
     assert "\n" not in message
-    _, model, check = probe(tiny_config, 7, stages)
-    with pytest.raises(ConfigError, match=r"stages\.1: a batch of 12 per process at 24px .* fitted is 7 .* to 2"):
+    stages[1]["accum_steps"] = 3
+    _, model, check = probe(tiny_config, 3, stages[1:], world_size=2)  # 6 per process: 3 fit
+    with pytest.raises(ConfigError, match=r"stages\.0: a batch of 6 per process at 24px .* fitted is 3 per process: "):
         check()  # the stage's largest size: the end of its ramp
-    assert model.batches[:2] == [6, 12]
+    assert model.batches[0] == 6
+    with pytest.raises(ConfigError, match=r"set stages\.0\.batch_size to 6 and its accum_steps to 6 "):
+        check()  # 2 processes x 3; twice the passes of the stage's 3
 
 
 def test_the_memory_probe_leaves_the_model_as_it_was(tiny_config):
-    stages = [{"img_size": 16, "batch_size": 6, "epochs": 1}]
+    stages = [{"img_size": 16, "batch_size": 6, "epochs": 1, "freeze": "all_but_head"}]  # channels_last too
     _, model, check = probe(tiny_config, 100, stages)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(3)
@@ -197,7 +221,8 @@ def test_the_memory_probe_leaves_the_model_as_it_was(tiny_config):
     assert check() == {0: 0}  # no peak to report off CUDA
     assert torch.rand(1) == draw  # RNG put back
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm statistics too
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert all(p.is_contiguous() for p in model.parameters())  # as built; each stage sets its own format
     _, model, check = probe(tiny_config, 0, stages)
     with pytest.raises(ConfigError, match="not even one image fits"):
         check()
@@ -221,7 +246,14 @@ def test_running_out_of_memory_in_training_is_one_line_that_says_how_to_go_on(
     assert len([line for line in err if line.startswith("error")]) == 1 and "Traceback" not in "".join(err)
     err = err[-1]
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert err.startswith("error: stage 1: out of device memory; lower stages.1.batch_size")
-    assert f"--resume {run_dir} --set stages.1.batch_size=N" in err
+    assert err.startswith("error: stage 1: out of device memory; resume with a smaller batch")
+    assert f"resume with a smaller batch: python -m pipeline run --resume {run_dir} --set stages.1.batch_size=N" in err
     progress = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
     assert (progress["stage"], progress["epoch"]) == (0, 2)  # stage 0 whole: stage 1 may change on resume
+
+
+def test_an_out_of_memory_in_a_begun_stage_does_not_advise_a_change_resume_refuses(tmp_path):
+    begun = str(out_of_memory(2, tmp_path, begun=True))
+    assert "its batch cannot change" in begun and "--set" not in begun
+    assert f"expandable_segments:True python -m pipeline run --resume {tmp_path}" in begun
+    assert "--set stages.2.batch_size=N" in str(out_of_memory(2, tmp_path, begun=False))

@@ -13,7 +13,7 @@ LAYERS = [
     ["pipeline.distributed", "pipeline.model", "pipeline.report", "pipeline.data"],
     ["pipeline.train.step", "pipeline.train.schedule"],
     ["pipeline.train.plan", "pipeline.train.checkpoint", "pipeline.train.signals", "pipeline.train.rundir"],
-    ["pipeline.train.loop", "pipeline.train.preflight"],
+    ["pipeline.train.loop", "pipeline.train.preflight", "pipeline.train.memory"],
     ["pipeline.train.stage"],
     ["pipeline.train.range_test"],
     ["pipeline.train.run"],

@@ -34,16 +34,18 @@ def roi_resize(images: torch.Tensor, boxes: np.ndarray, size: int, flips: np.nda
     samples = np.where(steps == 1, mild, np.clip(np.ceil(ratio / steps), 1, MAX_SAMPLES)).astype(np.int64)
     order = np.lexsort((samples, steps))  # grouped: one contiguous slice per (steps, samples)
     rois = np.stack([np.arange(n), left, top, left + w, top + h], axis=1)[order]
-    rois = torch.from_numpy(rois).to(x.device, torch.float32)
+    rois = to_device(rois.astype(np.float32), x.device)
     _, firsts = np.unique(np.stack([steps, samples], axis=1)[order], axis=0, return_index=True)
     parts = []
     for start, end in zip(firsts, [*firsts[1:], n]):
         k, r = int(steps[order[start]]), int(samples[order[start]])
-        part = roi_align(x, rois[start:end], k * size, spatial_scale=1.0, sampling_ratio=r, aligned=True)
-        parts.append(part if k == 1 else F.interpolate(part, (size, size), mode="bilinear", antialias=True))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.from_numpy(np.argsort(order)).to(x.device)]
+        chunk = max(1, PAD_BYTES // (3 * 4 * (k * size) ** 2))  # the k x size intermediate, bounded too
+        for first in range(start, end, chunk):
+            part = roi_align(x, rois[first : min(end, first + chunk)], k * size, 1.0, r, aligned=True)
+            parts.append(part if k == 1 else F.interpolate(part, (size, size), mode="bilinear", antialias=True))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)[to_device(np.argsort(order), x.device)]
     if flips is not None and np.any(flips):
-        mask = torch.from_numpy(np.asarray(flips, dtype=bool)).to(x.device).view(-1, 1, 1, 1)
+        mask = to_device(np.asarray(flips, dtype=bool), x.device).view(-1, 1, 1, 1)
         out = torch.where(mask, out.flip(-1), out)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
@@ -64,7 +66,7 @@ def stack_padded(images: list[torch.Tensor], boxes: np.ndarray, margin: int) -> 
     for b, (img, (r0, c0), (r1, c1)) in enumerate(zip(images, start.tolist(), end.tolist())):
         buf[b, :, : r1 - r0, : c1 - c0] = img[:, r0:r1, c0:c1]
     rows = torch.arange(len(images), device=buf.device)
-    h, w = (torch.from_numpy(extent[:, k]).to(buf.device) for k in (0, 1))
+    h, w = (to_device(extent[:, k], buf.device) for k in (0, 1))
     buf[rows, :, h] = buf[rows, :, h - 1]
     buf[rows, :, :, w] = buf[rows, :, :, w - 1]
     return buf, moved(boxes, start)
@@ -93,12 +95,21 @@ def gather_crops(block: torch.Tensor, boxes: np.ndarray) -> tuple[torch.Tensor, 
     start, end = regions(boxes, np.array(block.shape[1:3]), 0)
     extent = end - start
     rows, cols = (  # positions past a crop's extent repeat its last row or column
-        torch.from_numpy(np.minimum(np.arange(n + 1), extent[:, k, None] - 1) + start[:, k, None]).to(block.device)
+        to_device(np.minimum(np.arange(n + 1), extent[:, k, None] - 1) + start[:, k, None], block.device)
         for k, n in enumerate(extent.max(axis=0))
     )
     batch = torch.arange(len(block), device=block.device)[:, None, None]
     crops = block[batch, rows[:, :, None], cols[:, None, :]]
     return crops.permute(0, 3, 1, 2), moved(boxes, start)
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small index or box array on `device`; to CUDA through pinned memory, without waiting: a
+    copy from pageable memory synchronises the stream, so the host would wait for the model."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def regions(boxes: np.ndarray, sizes: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray]:

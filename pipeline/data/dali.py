@@ -27,9 +27,6 @@ from pipeline.errors import DataError
 
 READER = "reader"
 PREFETCH = 2  # batches DALI prepares ahead; also how far past the consumed batch a decode error can be
-# the mixed decoder upsamples chroma as the CPU one does (libjpeg-turbo's fancy upsampling; off by
-# default): the same pixels whichever decodes
-DECODER_OPTIONS = {"output_type": types.RGB, "jpeg_fancy_upsampling": True}
 UNSUPPORTED = (".gif",)  # in the ImageFolder extensions, but not decodable by DALI
 
 
@@ -194,7 +191,7 @@ class DALILoader:
                 images = fn.decoders.image_random_crop(
                     encoded,
                     device=decoder,
-                    **DECODER_OPTIONS,
+                    output_type=types.RGB,
                     random_area=list(spec.scale),
                     random_aspect_ratio=list(spec.ratio),
                     num_attempts=10,
@@ -202,7 +199,10 @@ class DALILoader:
                 images = fn.resize(images, size=[size, size], antialias=True)
                 crop = {"mirror": fn.random.coin_flip(probability=spec.hflip)}
             else:
-                images = fn.decoders.image(encoded, device=decoder, **DECODER_OPTIONS)
+                # the whole image: the mixed decoder upsamples chroma as the CPU one does (libjpeg-turbo's
+                # fancy upsampling; off by default), so validation sees the same pixels whichever decodes.
+                # Not for the random crop: with a region, nvImageCodec refuses it before nvJPEG 13.2
+                images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True)
                 # timm's crop_pct: the shorter side to size / crop_pct, then the centre
                 images = fn.resize(images, resize_shorter=math.floor(size / spec.crop_pct), antialias=True)
                 crop = {"crop": [size, size]}
@@ -272,7 +272,7 @@ def decode_failure(path: str, on_gpu: bool = False) -> str | None:
     try:
         data = np.fromfile(path, dtype=np.uint8)
         # dynamic mode's "gpu" is the mixed (nvJPEG / nvImageCodec) decoder
-        ndd.decoders.image(ndd.as_tensor(data), device="gpu" if on_gpu else "cpu", **DECODER_OPTIONS).evaluate()
+        ndd.decoders.image(ndd.as_tensor(data), device="gpu" if on_gpu else "cpu", output_type=types.RGB).evaluate()
     except Exception as e:  # noqa: BLE001 - any failure here is the answer
         text = re.sub(r"\s+", " ", str(e)).strip()
         return text or type(e).__name__

@@ -23,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.data.cache import DecodedCache
-from pipeline.data.crops import gather_crops, padded_groups, roi_resize, stack_padded
+from pipeline.data.crops import gather_crops, padded_groups, roi_resize, stack_padded, to_device
 from pipeline.data.folder import ImageFolderIndex, dct_scale, jpeg_region, read_image, warn_skipped
 from pipeline.data.spec import (
     IMAGENET_MEAN,
@@ -213,7 +213,7 @@ def augment_batch(images: torch.Tensor | list[torch.Tensor], seeds: list[int], s
     out = torch.empty(len(images), 3, spec.img_size, spec.img_size, dtype=torch.uint8, device=images[0].device)
     for group in padded_groups(np.stack([heights, widths], axis=1), boxes, margin):
         crops, moved_boxes = stack_padded([images[i] for i in group], boxes[group], margin)
-        index = torch.from_numpy(group).to(out.device)
+        index = to_device(group, out.device)
         out[index] = roi_resize(crops, moved_boxes, spec.img_size, None if flips is None else flips[group])
     return out
 
@@ -444,7 +444,6 @@ class TV2Loader:
             worker_init_fn=ignore_stop_signals,
         )
         self._decode_stream = None  # `decode_jpegs`'s side stream on CUDA, made at the first batch
-        self._cpu_jpegs: set[str] = set()  # JPEGs the batched decoder rejected: decoded on the CPU
 
     def __len__(self) -> int:
         n = self.sampler.full_length()
@@ -519,14 +518,14 @@ class TV2Loader:
         Also returns the positions that failed to decode (`on_error: skip`; else it raises)."""
         device = self.spec.device
         paths = [self.index.samples[i][0] for i in idxs]
-        jpeg = [i for i, d in enumerate(items) if d.ndim == 1 and paths[i] not in self._cpu_jpegs]
+        jpeg = [i for i, d in enumerate(items) if d.ndim == 1 and paths[i] not in CPU_JPEGS]
         images: list = [None if d.ndim == 1 else d.to(device, non_blocking=True) for d in items]
         for i, img in zip(jpeg, self._decode_jpegs([items[i] for i in jpeg])):
             images[i] = img
         failed = []
         for i in [i for i, img in enumerate(images) if img is None]:
-            first = paths[i] not in self._cpu_jpegs
-            self._cpu_jpegs.add(paths[i])  # later epochs send it straight here
+            first = paths[i] not in CPU_JPEGS
+            CPU_JPEGS.add(paths[i])  # later epochs and stages send it straight here
             try:
                 images[i] = read_image(paths[i]).to(device, non_blocking=True)
             except DataError:
@@ -549,6 +548,8 @@ class TV2Loader:
             self._decode_stream = torch.cuda.Stream(device)
         try:
             return decode_jpegs(items, device, self._decode_stream)
+        except DEVICE_ERRORS:
+            raise  # the device's fault, not a file's
         except RuntimeError:
             if len(items) == 1:
                 return [None]
@@ -567,6 +568,9 @@ class TV2Loader:
 
 
 _OPEN_LOADERS: weakref.WeakSet[TV2Loader] = weakref.WeakSet()
+# RuntimeErrors that are the device's, not a file's (AcceleratorError: torch 2.8 on)
+DEVICE_ERRORS = (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.cuda.OutOfMemoryError))
+CPU_JPEGS: set[str] = set()  # JPEGs the batched decoder rejected, decoded on the CPU from then on
 
 
 @atexit.register

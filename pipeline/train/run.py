@@ -26,8 +26,9 @@ from pipeline.model import build_model, param_groups
 from pipeline.report import MetricsLog, format_summary, plot_run
 from pipeline.train.checkpoint import Checkpoint, Checkpointer, Progress, derive_seed, rng_state, seed_everything
 from pipeline.train.loop import EpochResult, LoopSettings, evaluate, train_epoch
+from pipeline.train.memory import check_memory, out_of_memory
 from pipeline.train.plan import RunPlan, plan_run
-from pipeline.train.preflight import check_groups, check_input_sizes, check_memory, check_resume, out_of_memory, prepare
+from pipeline.train.preflight import check_groups, check_input_sizes, check_resume, prepare
 from pipeline.train.range_test import lr_for_run
 from pipeline.train.rundir import hold_run_dir, new_run_dir
 from pipeline.train.signals import StopSignals
@@ -92,7 +93,8 @@ def _train(
         check_input_sizes(model, cfg, plan, device)
     groups = param_groups(model)
     check_groups(model, cfg, groups)
-    memory = check_memory(model, cfg, plan, groups, device, progress.stage) if device.type == "cuda" else {}
+    probe = device.type == "cuda"  # each stage's memory, before SyncBatchNorm (whose forward is collective)
+    memory = check_memory(model, cfg, plan, groups, device, progress.stage, world.world_size) if probe else {}
     if cfg.train.sync_bn and world.distributed:
         model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
     if resume is None:
@@ -138,8 +140,8 @@ class Trainer:
             resume = checkpoint if (checkpoint is not None and progress.started) else None
             try:
                 self.run_stage(k, progress, resume)
-            except torch.OutOfMemoryError:  # past the memory probe (compiled graphs, optimizer state)
-                raise out_of_memory(k, self.run_dir) from None
+            except torch.cuda.OutOfMemoryError:  # past the memory probe (compiled graphs, optimizer state)
+                raise out_of_memory(k, self.run_dir, progress.epoch > 0 or progress.batch > 0) from None
             checkpoint = None
         summary = {
             "stages": progress.stages,

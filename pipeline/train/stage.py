@@ -178,8 +178,7 @@ def build_stage(
     train_loader, val_loader = _loaders(ctx, stage, seed, validation)
     try:
         model = ctx.model
-        if tc.channels_last:
-            model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
         freeze = apply_freeze(model, tc, ctx.groups, f"stages.{k}")
         freeze.train_mode(model)
         ema = _stage_ema(ctx, tc)
