@@ -195,9 +195,10 @@ def augment_block(block: torch.Tensor, seeds: list[int], spec: LoaderSpec) -> to
 def augment_batch(images: torch.Tensor | list[torch.Tensor], seeds: list[int], spec: LoaderSpec) -> torch.Tensor:
     """`augment` for a batch on the training device, in a few batched kernels: a B x H x W x 3 block
     of equal squares (the cache) or a list of 3 x H x W images -> uint8 B x 3 x S x S."""
-    if isinstance(images, torch.Tensor) and not spec.train:
+    block = isinstance(images, torch.Tensor)
+    if block and not spec.train:
         return augment(images.permute(0, 3, 1, 2), 0, spec)  # already one resize + centre crop, exact
-    if isinstance(images, torch.Tensor):
+    if block:
         heights = widths = np.full(len(images), images.shape[1])
     else:
         heights, widths = (np.array([img.shape[k] for img in images]) for k in (1, 2))
@@ -206,7 +207,7 @@ def augment_batch(images: torch.Tensor | list[torch.Tensor], seeds: list[int], s
         boxes, flips = drawn[:, :4], drawn[:, 4]
     else:
         boxes, flips = np.array([centre_box(h, w, spec) for h, w in zip(heights, widths)]), None
-    if isinstance(images, torch.Tensor):
+    if block:
         crops, boxes = gather_crops(images, boxes)
         return roi_resize(crops, boxes, spec.img_size, flips)
     margin = 0 if spec.train else 1  # training resizes the crop alone, validation the whole image
