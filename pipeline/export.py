@@ -93,7 +93,7 @@ def load_export(
     if size == AUTO:
         raise UserError(f"--img-size {AUTO}: export takes one size; eval --img-size auto finds the best")
     checkpoint = resolve_checkpoint(target, use_ema)
-    member = load_member(checkpoint, CPU, use_ema, torch.contiguous_format)  # safetensors keeps dense tensors
+    member = load_member(checkpoint, CPU, use_ema, torch.contiguous_format)  # safetensors saves contiguous tensors
     stage = last_stage(member.config)
     size = size or stage.val_size or stage.img_size
     problem = input_problem([member], size, Precision(None), CPU)
