@@ -8,6 +8,14 @@ says differs from the stages file (default: stages.yaml on the demo data):
   steps          each ramp `[a, b]` replaced by a at the first half of its epochs and b after
   scope-flip     `train.schedule.scope` run <-> stage
   bn-flip        `train.bn_reestimate` on (256 images) <-> off
+  step           a step file as users write one: 3/8, 5/8 and all of the final size for 1/2, 1/3 and
+                 1/6 of the epochs (24 / 40 / 64 px for 6 / 4 / 2 of 12), each stage 1.6x the last,
+                 the first stage's keys and the last stage's (e.g. `mixup: off`); `train.size_jumps`
+                 as the file sets it (default on)
+  step-plain     the same with `train.size_jumps: off` (each jump a plain switch)
+  ffcv           FFCV's shape: 0.83x of the final size, ramped to it between 74 % and 86 % of the epochs
+  composer       Composer's shape: a ramp from 0.5x over the first 80 % of the epochs, the last 20 % at
+                 the final size
 
 For each variant: final and best top-1 (mean and each seed), wall seconds, and the seconds to the
 target (the fixed runs' mean final top-1 minus 0.5 points; `--target` sets it), and the top-1 of
@@ -39,6 +47,48 @@ from pipeline.train.run import run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("fixed", "progressive", "steps", "scope-flip", "bn-flip")
+SHAPES = ("step", "step-plain", "ffcv", "composer")  # whole-run shapes, from the final size and the epochs
+
+
+def size8(size: float) -> int:
+    return max(8, 8 * round(size / 8))
+
+
+def stage_keys(stage: dict) -> dict:
+    """A stage's overrides (batch, lr, mixup, ...): everything but its sizes and length."""
+    return {k: copy.deepcopy(v) for k, v in stage.items() if k not in ("img_size", "epochs", "val_size")}
+
+
+def shape_stages(stages: list[dict], name: str) -> list[dict]:
+    """The stages of shape `name` over the same epochs and final size as `stages`."""
+    final = stages[-1]["img_size"]
+    final = final[-1] if isinstance(final, list) else final
+    total = sum(s["epochs"] for s in stages)
+    first, last = stage_keys(stages[0]), stage_keys(stages[-1])
+    if name in ("step", "step-plain"):
+        lengths = [max(1, round(total / 2)), max(1, round(total / 3))]
+        lengths.append(max(1, total - sum(lengths)))
+        sizes = [size8(final * 3 / 8), size8(final * 5 / 8), final]
+        return [
+            {**(last if i == 2 else first), "img_size": z, "epochs": n} for i, (z, n) in enumerate(zip(sizes, lengths))
+        ]
+    if name == "ffcv":  # 0.83x until 74 % of the epochs, a ramp to 86 %, then the final size
+        hold, ramp = max(1, round(0.74 * total)), max(1, round(0.86 * total) - round(0.74 * total))
+        tail = max(1, total - hold - ramp)
+        start = size8(0.83 * final)
+        out = [{**first, "img_size": start, "epochs": hold}]
+        if ramp > 1 and start < final:
+            out.append({**first, "img_size": [start, final], "epochs": ramp})
+        else:
+            tail += ramp
+        return out + [{**last, "img_size": final, "epochs": tail}]
+    if name == "composer":  # from 0.5x, linearly, the last 20 % at the final size
+        tail = max(1, round(0.2 * total))
+        return [
+            {**first, "img_size": [size8(final / 2), final], "epochs": total - tail},
+            {**last, "img_size": final, "epochs": tail},
+        ]
+    raise AssertionError(name)
 
 
 def variant(raw: dict, name: str) -> dict:
@@ -66,8 +116,12 @@ def variant(raw: dict, name: str) -> dict:
         schedule["scope"] = "stage" if schedule.get("scope", "stage") == "run" else "run"
     elif name == "bn-flip":
         train["bn_reestimate"] = 0 if train.get("bn_reestimate") else 256
+    elif name in SHAPES:
+        raw["stages"] = shape_stages(stages, name)
+        if name == "step-plain":
+            train["size_jumps"] = "off"
     elif name != "progressive":
-        raise SystemExit(f"--variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+        raise SystemExit(f"--variants: unknown variant {name!r} (known: {', '.join(VARIANTS + SHAPES)})")
     return raw
 
 

@@ -3,7 +3,10 @@
 Measures FILE's setup (model, data, loader, AMP, compile, Mixup) at a few sizes between half and all
 of the final size, then fills the budget by the policy that won the progressive-vs-fixed benchmark:
 one ramp from half the final size up to it, then a quarter of the epochs at the final size (with
-FILE's last stage's keys, e.g. `mixup: off`), one batch size, one schedule over the run.
+FILE's last stage's keys, e.g. `mixup: off`), one batch size, one schedule over the run. The ramp is
+planned only where the measurements say it pays: when the start size does not train at least
+`RAMP_PAYS` times as fast as the final size on this machine, every epoch is at the final size. The
+plan says why it chose what it chose, and how large the training images are.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pipeline.errors import ConfigError
 from pipeline.train.plan import RAMP_MULTIPLE, EpochPlan, format_duration, plan_run
 
 START_RATIO = 0.5  # the ramp starts at this share of the final size
+RAMP_PAYS = 1.3  # a ramp is planned only when its start trains at least this much faster than the final size
 SETTLE_SHARE = 0.25  # the share of the epochs trained at the final size, after the ramp
 MAX_EPOCHS = 10_000
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?")
@@ -99,6 +103,45 @@ def start_size(final: int, start: int | None = None) -> int:
     return min(final, start if start is not None else round_size(final * START_RATIO))
 
 
+def choose_start(speeds: Speeds, final: int, start: int | None = None) -> tuple[int, str]:
+    """Where the plan starts, and why: the given `start`; else half the final size where that trains at
+    least `RAMP_PAYS` times as fast here; else the final size (no ramp: smaller sizes do not pay)."""
+    if start is not None:
+        return start_size(final, start), f"the ramp starts at {start_size(final, start)} px (--start-size)"
+    first = start_size(final)
+    fast, slow = 1 / per_image(speeds.train, first), 1 / per_image(speeds.train, final)
+    measured = f"{fast:.0f} img/s at {first} px against {slow:.0f} at {final} px here ({fast / slow:.2f}x)"
+    if first < final and fast / slow >= RAMP_PAYS:
+        return first, f"a ramp from {first} px pays: {measured}"
+    return final, f"every epoch at {final} px: smaller sizes do not pay here ({measured}, under {RAMP_PAYS}x)"
+
+
+def native_size(samples: list[tuple[str, int]], most: int = 64) -> int | None:
+    """The training images' typical size: the median shorter side of up to `most` of them, spread over
+    the set, from their headers. None when none can be read."""
+    from PIL import Image
+
+    step = max(1, len(samples) // most)
+    sides = []
+    for path, _ in samples[::step][:most]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except Exception:  # noqa: BLE001 - a bad file is the loader's to report
+            continue
+    return int(statistics.median(sides)) if sides else None
+
+
+def native_note(native: int | None, final: int) -> str | None:
+    """A line for images natively smaller than the final size: what the larger sizes buy."""
+    if native is None or native >= final:
+        return None
+    return (
+        f"the training images are about {native} px (median shorter side): sizes above that add no detail, "
+        f"only scale; a run with --final-size {round_size(native)} may cost little accuracy for far less time"
+    )
+
+
 def candidate_sizes(final: int, start: int | None = None) -> list[int]:
     """The sizes measured: the start, halfway, and the final size (multiples of 8)."""
     first = start_size(final, start)
@@ -137,6 +180,7 @@ class BudgetPlan:
     stage_seconds: list[float]  # predicted, per stage
     start_s: float
     measuring_s: float = 0.0  # the measuring, where it counts against the budget (`run --budget`)
+    reasons: tuple[str, ...] = ()  # why the plan starts where it does, what the data's size says
 
     @property
     def seconds(self) -> float:
@@ -311,7 +355,7 @@ def plot_seconds(run_dir: Path, sizes: list[int], epochs: int = 8, records_per_e
 
 def format_plan(plan: BudgetPlan, budget_s: float) -> str:
     """The chosen stages with their predicted seconds, then the total against the budget."""
-    rows = [f"{'stage':>5} {'size':>7} {'batch':>6} {'epochs':>6} {'predicted':>10}"]
+    rows = [*plan.reasons, f"{'stage':>5} {'size':>7} {'batch':>6} {'epochs':>6} {'predicted':>10}"]
     for k, (stage, seconds) in enumerate(zip(plan.raw["stages"], plan.stage_seconds)):
         size = stage["img_size"]
         size = f"{size[0]}-{size[1]}" if isinstance(size, list) else str(size)
@@ -351,9 +395,11 @@ def plan_budget(
     _check_sizes(build_model(dataclasses.replace(measured.model, pretrained=None), num_classes), sizes, device)
     log(f"measuring {measured.model.arch} on {device} at {', '.join(map(str, sizes))} px ...")
     speeds = measure_speeds(measured, sizes, log=log)
+    first, why = choose_start(speeds, final, start)
+    reasons = tuple(r for r in (why, native_note(native_size(datasets.train.samples), final)) if r)
     measuring = time.perf_counter() - begin if measuring_counts else 0.0
-    plan = choose_plan(raw, speeds, budget_s - measuring, final, len(datasets.train), len(datasets.val), start)
-    return dataclasses.replace(plan, measuring_s=measuring), speeds
+    plan = choose_plan(raw, speeds, budget_s - measuring, final, len(datasets.train), len(datasets.val), first)
+    return dataclasses.replace(plan, measuring_s=measuring, reasons=reasons), speeds
 
 
 def _check_sizes(model: torch.nn.Module, sizes: list[int], device: torch.device) -> None:

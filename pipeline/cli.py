@@ -160,7 +160,8 @@ def add_budget(parser: argparse.ArgumentParser, required: bool = False) -> None:
         "--start-size",
         type=int,
         default=None,
-        help="with --budget: the size the ramp starts at (default: half the final size); larger for fine detail",
+        help="with --budget: the size the ramp starts at (default: half the final size where that is measured to "
+        "pay, else no ramp); larger for fine detail",
     )
 
 

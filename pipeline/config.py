@@ -178,6 +178,18 @@ class EmaConfig:
 
 
 @dataclass
+class SizeJumpConfig:
+    """How a run crosses a jump in training size: a change of `ratio` or more from one epoch to the
+    next (a 24 -> 40 -> 64 px stage file; not a ramp's 8-px steps). Only in a run with a jump."""
+
+    ratio: float = checked(1.4, lambda v: None if v > 1 else f"must be above 1, got {v!r}")
+    # every epoch below the run's final size trains this share of its batches at the final size
+    final_share: float = checked(0.25, lambda v: None if 0 <= v < 1 else f"must be in [0, 1), got {v!r}")
+    # the last epoch before a jump mixes in the next size, its share rising from 0 to 1 over the epoch
+    transition: bool = True
+
+
+@dataclass
 class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -200,6 +212,7 @@ class TrainConfig:
     # training images run through the model (no gradient) to re-estimate BatchNorm statistics when the
     # training size changes, and at the validation size before an evaluation larger than training; 0: off
     bn_reestimate: int = checked(0, non_negative)
+    size_jumps: SizeJumpConfig | None = field(default_factory=SizeJumpConfig)  # off: a jump is a plain switch
 
 
 @dataclass
@@ -438,6 +451,8 @@ def _stage_sizes(value: Any, path: str) -> tuple[int | None, int]:
 
 def _check_run_wide(stage: StageSpec, train: TrainConfig, path: str) -> None:
     """Keys a stage cannot set for itself: they describe the whole run."""
+    if stage.train.size_jumps != train.size_jumps:
+        raise ConfigError(f"{path}.size_jumps: set for the whole run, in train.size_jumps")
     for key in SCOPE_KEYS:
         if getattr(stage.train.schedule, key) != getattr(train.schedule, key):
             raise ConfigError(f"{path}.schedule.{key}: set for the whole run, in train.schedule.{key}")

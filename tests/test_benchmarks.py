@@ -70,6 +70,19 @@ def test_progressive_vs_fixed(tiny_config, write_yaml, tmp_path):
     assert "| fixed |" in text and (out / "compare_time.png").is_file()
 
 
+def test_suite(tiny_config, tiny_data, write_yaml, tmp_path):
+    out = tmp_path / "suite"
+    args = ["--datasets", f"tiny={tiny_data}@24", "--variants", "fixed,step,step-plain,ffcv,composer,progressive"]
+    text = run_script("suite.py", write_yaml(tiny_config), *args, "--seeds", "0", "--epochs", "6", "--out", out)
+    rows = json.loads((out / "suite.json").read_text())["datasets"]["tiny"]["variants"]
+    assert list(rows) == ["fixed", "step", "step-plain", "ffcv", "composer", "progressive"]
+    assert rows["fixed"]["stage_sizes"] == [24, 24]
+    assert rows["step"]["stage_sizes"] == [8, 16, 24] == rows["step-plain"]["stage_sizes"]  # 3/8, 5/8, 1 of 24, to 8 px
+    assert [s[:2] for s in rows["step"]["switches"][0]] == [[8, 16], [16, 24]]
+    assert all(len(r["final_top1"]) == 1 and r["wall_seconds"][0] > 0 for r in rows.values())
+    assert "| tiny | step |" in text and "worst drop" in text
+
+
 def test_finetune_compare(tiny_config, write_yaml, tmp_path):
     weights = tmp_path / "pretrained.pth"
     torch.save(timm.create_model("test_resnet", num_classes=10).state_dict(), weights)

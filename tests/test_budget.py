@@ -10,7 +10,19 @@ import pytest
 import yaml
 
 import pipeline.budget as budget
-from pipeline.budget import Speeds, choose_plan, parse_duration, per_image, policy_stages, predict
+from pipeline.budget import (
+    BudgetPlan,
+    Speeds,
+    choose_plan,
+    choose_start,
+    format_plan,
+    native_note,
+    native_size,
+    parse_duration,
+    per_image,
+    policy_stages,
+    predict,
+)
 from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
@@ -55,6 +67,30 @@ def test_seconds_per_image_between_and_beyond_the_measured_sizes():
     assert per_image(SPEEDS.train, 40) == pytest.approx((1 / 800 + 1 / 400) / 2)
     assert per_image(SPEEDS.train, 128) == pytest.approx(4 / 200)  # 4x the pixels of 64 px
     assert per_image(SPEEDS.train, 16) == pytest.approx(1 / 4 / 800)
+
+
+def test_the_start_is_half_the_final_size_only_where_that_pays(tiny_config):
+    assert choose_start(SPEEDS, 64) == (
+        32,
+        "a ramp from 32 px pays: 800 img/s at 32 px against 200 at 64 px here (4.00x)",
+    )
+    assert choose_start(SPEEDS, 64, start=48)[0] == 48  # the user's --start-size wins
+    flat = Speeds(train={32: 250.0, 64: 200.0}, val=SPEEDS.val, new_size_s=2.0, epoch_s=0.5, start_s=5.0)
+    start, why = choose_start(flat, 64)  # a loader-bound machine: 1.25x is not worth the size changes
+    assert start == 64 and why.startswith("every epoch at 64 px: smaller sizes do not pay here") and "1.25x" in why
+    plan = choose_plan(raw_config(tiny_config), flat, 60.0, 64, 100, 30, start)
+    assert {s["img_size"] for s in plan.raw["stages"]} == {64}  # no ramp planned
+    assert format_plan(BudgetPlan(plan.raw, plan.epochs, plan.stage_seconds, 5.0, reasons=(why,)), 60.0).startswith(why)
+
+
+def test_the_plan_reads_the_training_images_size(tiny_data):
+    from pipeline.data.folder import scan_image_folder
+
+    samples = scan_image_folder(tiny_data / "train", "data.train").samples
+    assert native_size(samples) == 32 and native_size(samples[:3], most=2) == 32
+    assert native_size([("/no/such.png", 0)]) is None
+    assert "about 32 px" in native_note(32, 64) and "--final-size 32" in native_note(32, 64)
+    assert native_note(32, 32) is None and native_note(None, 64) is None
 
 
 def test_the_policy_ramps_then_settles_and_keeps_the_files_keys(tiny_config):
@@ -169,6 +205,8 @@ def test_plan_writes_the_plan_beside_the_file_and_leaves_the_file_alone(tiny_con
     assert stages[-1].img_size == 32 and stages[0].start_size in (16, None)
     assert planned["model"]["arch"] == "test_resnet" and planned["train"]["optimizer"]["lr"] == 0.05
     assert "of the 10 min 00 s budget" in out and "measuring test_resnet on cpu at 16, 24, 32 px" in out
+    assert ("a ramp from 16 px pays" in out) == (stages[0].start_size == 16)  # the plan says why, either way
+    assert ("smaller sizes do not pay here" in out) == (stages[0].start_size is None)
     assert main(["plan", str(file), "--budget", "10m", "--out", str(file)]) == 2  # never FILE itself
 
 

@@ -18,6 +18,7 @@ import pipeline.train.step as step_mod
 from pipeline.cli import main
 from pipeline.config import load_config, parse_config
 from pipeline.train.checkpoint import load_checkpoint
+from pipeline.train.plan import plan_run
 from pipeline.train.run import RunHooks, run_training
 
 from conftest import Killed, die_after_saves
@@ -190,9 +191,12 @@ def test_compile_adds_one_graph_per_shape(tiny_config, tmp_path, monkeypatch):
     cfg = copy.deepcopy(tiny_config)
     cfg["train"]["compile"] = "on"
     # 20 val images in batches of 8 and 6: the last val batch is partial in both stages
-    train(cfg, tmp_path)
+    run_dir = train(cfg, tmp_path)
     torch._dynamo.reset()
-    assert counter.frame_count == 4  # per stage: one training graph and one evaluation graph
+    # per stage one training and one evaluation graph, and one more: 16 -> 24 px is a size jump, so stage 0
+    # trains a share of its batches at 24 px; the plan counts every one of them
+    planned = plan_run(parse_config(cfg).stages, train_size=40)
+    assert counter.frame_count == 5 == planned.compiled_shapes() and run_dir.is_dir()
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tiny_config, write_yaml):

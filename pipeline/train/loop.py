@@ -121,10 +121,12 @@ def train_epoch(
     rng: dict[str, Any] | None = None,
     save_mid_epoch: SaveMidEpoch | None = None,
     run_status: Callable[[int], str] | None = None,
+    batch_px: Callable[[int], int] | None = None,
 ) -> EpochResult:
     """One pass over `loader` (from batch `start` when resumed mid-epoch, with the RNGs `rng` put
     back). Every `checkpoint_every` seconds, and when a stop is asked for, `save_mid_epoch` checkpoints
-    at an update boundary. `run_status(batches_done)`: the run's progress, shown on the bar."""
+    at an update boundary. `run_status(batches_done)`: the run's progress, shown on the bar.
+    `batch_px(batch)`: the size batch `batch` trains at (`train.size_jumps`), resized on the device."""
     world = loop.world
     n = len(loader)
     bar = epoch_bar(n, label, world.is_main)
@@ -140,6 +142,8 @@ def train_epoch(
     try:
         for batch_idx, (x, y) in enumerate(batches, start=start):
             lr, momentum = current_lr_momentum(optimizer)
+            if batch_px is not None:
+                x = resize_batch(x, batch_px(batch_idx))
             window.add(batch_idx, train_step(x, y), lr, momentum)
             images += x.shape[0] * world.world_size
             last = batch_idx == n - 1
@@ -165,6 +169,18 @@ def train_epoch(
     finally:
         bar.close()  # clears the bar, so an error message starts on a line of its own
     return EpochResult(before + time.perf_counter() - t0, images, window.loss_sum / max(window.batches, 1))
+
+
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A B x C x H x W batch at size x size, antialiased (a smaller size sees what a loader at that size
+    would deliver), in the memory format it came in."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
+    out = F.interpolate(x if x.is_floating_point() else x.float(), size=(size, size), mode="bilinear", antialias=True)
+    if not x.is_floating_point():
+        out = out.round_().clamp_(0, 255).to(x.dtype)
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,10 +6,11 @@ The schedule, the run's progress and ETA, resume checks and run folders all read
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import random
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from pipeline.config import StageSpec
+from pipeline.config import SizeJumpConfig, StageSpec
 from pipeline.train.step import TrainStep
 
 
@@ -64,11 +65,47 @@ class EpochPlan:
     batches: int  # training batches per process (the last partial batch is dropped)
     updates: int  # optimizer updates: batches / accum_steps, rounded up
     images: int
+    # across a size jump (`train.size_jumps`): this share of the batches at the run's final size...
+    final_size: int | None = None
+    final_share: float = 0.0
+    # ...and, in the last epoch before a jump, the next size, on a share of the rest rising from 0 to 1
+    next_size: int | None = None
+
+    @property
+    def train_sizes(self) -> tuple[int, ...]:
+        """Every size a training batch of the epoch can have."""
+        return tuple(sorted({self.img_size, self.final_size or self.img_size, self.next_size or self.img_size}))
+
+    @property
+    def load_size(self) -> int:
+        """The size the loader delivers: the largest; smaller batches are resized on the device."""
+        return max(self.train_sizes)
+
+    def size_shares(self) -> dict[int, float]:
+        """The expected share of the epoch's batches at each size."""
+        shares = {self.img_size: 1.0 - self.final_share}
+        if self.next_size:
+            shares[self.img_size] = shares[self.next_size] = (1.0 - self.final_share) / 2  # a linear rise: half
+        if self.final_size:
+            shares[self.final_size] = shares.get(self.final_size, 0.0) + self.final_share
+        return shares
+
+    def batch_px(self, seed: int, batch: int) -> int:
+        """The size of training batch `batch` (from 0): drawn from (seed, stage, epoch, batch) alone, so a
+        resumed epoch and every process draw the same sizes."""
+        if self.final_size is None and self.next_size is None:
+            return self.img_size
+        draw = random.Random(f"{seed}:{self.stage}:{self.epoch}:{batch}")
+        if self.final_size is not None and draw.random() < self.final_share:
+            return self.final_size
+        if self.next_size is not None and draw.random() < (batch + 0.5) / max(self.batches, 1):
+            return self.next_size
+        return self.img_size
 
     @property
     def work(self) -> float:
         """Pixels trained, the unit of the run's progress: a step's cost grows with the image area."""
-        return float(self.images) * self.img_size**2
+        return float(self.images) * sum(share * size**2 for size, share in self.size_shares().items())
 
 
 @dataclass(frozen=True)
@@ -99,7 +136,7 @@ class RunPlan:
     def compiled_shapes(self) -> int:
         """Distinct input shapes the model meets: each is one compiled graph (training and evaluation
         graphs apart)."""
-        train = {(e.img_size, e.batch_per_process) for e in self.epochs}
+        train = {(size, e.batch_per_process) for e in self.epochs for size in e.train_sizes}
         val = {(e.val_size, e.val_batch_per_process) for e in self.epochs}
         return len(train) + len(val)
 
@@ -151,7 +188,47 @@ def plan_run(stages: list[StageSpec], train_size: int, world_size: int = 1) -> R
                     images=batches * batch * world_size,
                 )
             )
-    return RunPlan(tuple(epochs))
+    return RunPlan(tuple(mix_size_jumps(epochs, stages[0].train.size_jumps if stages else None)))
+
+
+def is_jump(size: int, following: int, jumps: SizeJumpConfig) -> bool:
+    return following >= jumps.ratio * size
+
+
+def mix_size_jumps(epochs: list[EpochPlan], jumps: SizeJumpConfig | None) -> list[EpochPlan]:
+    """`train.size_jumps`: in a run with a jump in training size, every epoch below the final size trains
+    a share of its batches at the final size (its features stay in use at that scale), and the epoch
+    before each jump mixes the next size in, more of it batch by batch, so no switch is abrupt."""
+    sizes = [e.img_size for e in epochs]
+    if jumps is None or not any(is_jump(a, b, jumps) for a, b in zip(sizes, sizes[1:])):
+        return epochs
+    final = sizes[-1]
+    mixed = []
+    for i, e in enumerate(epochs):
+        following = sizes[i + 1] if i + 1 < len(sizes) else e.img_size
+        anchored = jumps.final_share > 0 and e.img_size < final
+        mixed.append(
+            replace(
+                e,
+                final_size=final if anchored else None,
+                final_share=jumps.final_share if anchored else 0.0,
+                next_size=following if jumps.transition and is_jump(e.img_size, following, jumps) else None,
+            )
+        )
+    return mixed
+
+
+def describe_jumps(plan: RunPlan, k: int) -> str:
+    """What `train.size_jumps` does in stage `k`, for its stage line ('' when nothing): `stage 1: 40 -> 64 px
+    jump, 1 transition epoch; 25% of batches at the final 64 px`."""
+    epochs = plan.of_stage(k)
+    jumps = [f"{e.img_size} -> {e.next_size} px jump, 1 transition epoch" for e in epochs if e.next_size]
+    anchored = [e for e in epochs if e.final_size]
+    if anchored:
+        e = anchored[0]
+        where = "" if len(anchored) == len(epochs) else f" in {len(anchored)} of its {len(epochs)} epochs"
+        jumps.append(f"{round(100 * e.final_share)}% of batches at the final {e.final_size} px{where}")
+    return f"stage {k}: " + "; ".join(jumps) + " (train.size_jumps)" if jumps else ""
 
 
 def format_duration(seconds: float) -> str:

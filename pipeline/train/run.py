@@ -27,7 +27,7 @@ from pipeline.report import MetricsLog, format_summary, plot_run
 from pipeline.train.checkpoint import Checkpoint, Checkpointer, Progress, derive_seed, rng_state, seed_everything
 from pipeline.train.loop import EpochResult, LoopSettings, evaluate, train_epoch
 from pipeline.train.memory import check_memory, out_of_memory
-from pipeline.train.plan import RunPlan, plan_run
+from pipeline.train.plan import RunPlan, describe_jumps, plan_run
 from pipeline.train.preflight import check_groups, check_input_sizes, check_resume, prepare
 from pipeline.train.range_test import lr_for_run
 from pipeline.train.rundir import hold_run_dir, new_run_dir
@@ -165,7 +165,8 @@ class Trainer:
         with build_stage(self.ctx, k, self.plan, choose_lr=None if resume is not None else choose_lr) as parts:
             if resume is not None:
                 resume.restore_training(parts.optimizer, parts.scheduler, parts.train_step.scaler)
-            print(parts.describe(self.ctx.world, self.ctx.memory.get(k)))
+            line, jumps = parts.describe(self.ctx.world, self.ctx.memory.get(k)), describe_jumps(self.plan, k)
+            print(f"{line}\n{jumps}" if jumps else line)
             if self.hooks.stage_built is not None:
                 self.hooks.stage_built(parts)
             for epoch in range(progress.epoch, parts.stage.epochs):
@@ -177,7 +178,7 @@ class Trainer:
     def train_one_epoch(self, parts: StageParts, progress: Progress, epoch: int, resume: Checkpoint | None):
         k, start, rng = parts.index, progress.batch, None
         planned = self.plan.epoch(k, epoch)
-        parts.fit_sizes(self.ctx, planned.img_size, planned.val_size)
+        parts.fit_sizes(self.ctx, planned.load_size, planned.val_size)
         if start == 0:
             parts.reestimate_bn(self.ctx, self.plan, planned)
             # Mixup and dropout draws, each rank its own (timm: seed + rank); resumed epochs repeat exactly
@@ -209,6 +210,7 @@ class Trainer:
             rng=rng,
             save_mid_epoch=save_mid_epoch,
             run_status=lambda done: self.plan.status(k, epoch, done, self.tick(progress)),
+            batch_px=(lambda b: planned.batch_px(self.ctx.cfg.run.seed, b)) if len(planned.train_sizes) > 1 else None,
         )
         expected = planned.updates - start // parts.train_cfg.accum_steps
         updates = train_step.optimizer_steps - updates_before
