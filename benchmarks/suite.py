@@ -153,7 +153,7 @@ def main() -> None:
         runs: dict[str, list[Path]] = {v: [] for v in names}
         for seed in seeds:  # seeds outermost: a slow moment of the machine spreads over every variant
             for v in names:
-                cfg = variant(base, "progressive" if v == "progressive" else v)
+                cfg = variant(base, v)
                 cfg.setdefault("run", {}).update(seed=seed, name=f"{name}-{v}-s{seed}")
                 start = time.perf_counter()
                 runs[v].append(run_training(parse_config(cfg, base_dir=args.file.parent), out_dir=args.out / name))

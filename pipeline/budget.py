@@ -106,9 +106,9 @@ def start_size(final: int, start: int | None = None) -> int:
 def choose_start(speeds: Speeds, final: int, start: int | None = None) -> tuple[int, str]:
     """Where the plan starts, and why: the given `start`; else half the final size where that trains at
     least `RAMP_PAYS` times as fast here; else the final size (no ramp: smaller sizes do not pay)."""
+    first = start_size(final, start)
     if start is not None:
-        return start_size(final, start), f"the ramp starts at {start_size(final, start)} px (--start-size)"
-    first = start_size(final)
+        return first, f"the ramp starts at {first} px (--start-size)"
     fast, slow = 1 / per_image(speeds.train, first), 1 / per_image(speeds.train, final)
     measured = f"{fast:.0f} img/s at {first} px against {slow:.0f} at {final} px here ({fast / slow:.2f}x)"
     if first < final and fast / slow >= RAMP_PAYS:
