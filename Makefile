@@ -9,14 +9,14 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev,dali,torchcodec,export]"
+	$(PY) -m pip install -e ".[dev,dali,torchcodec,export,tensorboard]"
 	touch $@
 
 run: $(VENV)/.installed
 	$(PY) -m pipeline run stages.yaml
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/step_overhead.py

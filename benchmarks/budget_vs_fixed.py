@@ -3,11 +3,12 @@
 For each budget: the speeds of the stages file's setup are measured once on this machine (what `plan`
 does); the planned run (the ramp-then-settle policy) and the fixed run (the same policy with every
 epoch at the final size) are each given the budget less the time the measuring took, their epochs
-chosen from the same speeds; then both are trained, back to back. For each: the epochs, the predicted
-and the actual wall seconds (measuring included) against the budget, and the final top-1.
+chosen from the same speeds; then both are trained, back to back, each re-planned after every epoch
+as `run --budget` does (`--no-replan`: as planned at the start). For each: the epochs, the predicted
+and the actual wall seconds (measuring included) against the budget, the re-plans, and the final top-1.
 
     python benchmarks/budget_vs_fixed.py [stages.yaml] [--data IMAGEFOLDER_ROOT] [--budgets 1m,2m,4m]
-        [--seed 0] [--start-size N] [--set KEY=VALUE] [--out runs/budget-vs-fixed]
+        [--seed 0] [--start-size N] [--no-replan] [--set KEY=VALUE] [--out runs/budget-vs-fixed]
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.budget import actual_seconds, choose_plan, parse_duration, plan_budget  # noqa: E402
-from pipeline.compare import load_run  # noqa: E402
+from pipeline.budget import choose_plan, parse_duration, plan_budget  # noqa: E402
+from pipeline.commands.compare import load_run  # noqa: E402
 from pipeline.config import load_config, parse_config  # noqa: E402
 from pipeline.data import scan_datasets  # noqa: E402
-from pipeline.train.run import run_training  # noqa: E402
+from pipeline.replan import Replanner, actual_seconds  # noqa: E402
+from pipeline.train.run import RunHooks, run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +42,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="1m,2m,4m")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-size", type=int, default=None, help="the planned ramp's start (default: half)")
+    parser.add_argument("--no-replan", action="store_true", help="keep each run's plan (no re-planning)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/budget-vs-fixed"))
     args = parser.parse_args()
@@ -56,15 +61,20 @@ def main() -> None:
         for name, plan in (("planned", planned), ("fixed", fixed)):
             plan.raw["run"]["name"] = f"{name}-{text}"
             start = time.perf_counter()
-            run_dir = run_training(parse_config(plan.raw), out_dir=args.out)
+            replanner = Replanner(speeds, budget, start - spent, len(datasets.val))
+            hooks = RunHooks() if args.no_replan else RunHooks(epoch_start=replanner.epoch_start, replan=replanner)
+            run_dir = run_training(parse_config(plan.raw), out_dir=args.out, hooks=hooks)
             wall = spent + time.perf_counter() - start
+            trained = yaml.safe_load((run_dir / "config.yaml").read_text())["stages"]
             record = load_run(run_dir)
             rows.append(
                 {
                     "budget": text,
                     "budget_s": budget,
                     "run": name,
-                    "stages": [(s["img_size"], s["epochs"]) for s in plan.raw["stages"]],
+                    "planned_stages": [(s["img_size"], s["epochs"]) for s in plan.raw["stages"]],
+                    "stages": [(s["img_size"], s["epochs"]) for s in trained],
+                    "replans": replanner.records,
                     "epochs": plan.epochs,
                     "predicted_s": round(spent + plan.seconds, 1),
                     "wall_s": round(wall, 1),
@@ -77,12 +87,15 @@ def main() -> None:
                 }
             )
             print(f"{name} {text}: {wall:.1f} s wall, final top-1 {record.final_top1:.2f}%", flush=True)
-    print("\n| budget | run | stages (px x epochs) | predicted s | wall s | wall / budget | final top-1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| budget | run | planned (px x epochs) | trained | predicted s | wall s | wall / budget | final top-1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        stages = " + ".join(f"{'-'.join(map(str, s)) if isinstance(s, list) else s} x {e}" for s, e in r["stages"])
+        planned, trained = (
+            " + ".join(f"{'-'.join(map(str, s)) if isinstance(s, list) else s} x {e}" for s, e in r[key])
+            for key in ("planned_stages", "stages")
+        )
         print(
-            f"| {r['budget']} | {r['run']} | {stages} | {r['predicted_s']:.0f} | {r['wall_s']:.0f} | "
+            f"| {r['budget']} | {r['run']} | {planned} | {trained} | {r['predicted_s']:.0f} | {r['wall_s']:.0f} | "
             f"{r['wall_s'] / r['budget_s']:.2f} | {r['final_top1']:.2f}% |"
         )
     args.out.mkdir(parents=True, exist_ok=True)

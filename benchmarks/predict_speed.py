@@ -21,11 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.commands.eval import run_eval  # noqa: E402
+from pipeline.commands.predict import format_rows, run_predict  # noqa: E402
 from pipeline.data import resolve_workers  # noqa: E402
 from pipeline.data.demo import demo_root  # noqa: E402
-from pipeline.evaluate import last_stage, load_member, resolve_checkpoint, run_eval  # noqa: E402
 from pipeline.files import write_json, write_text  # noqa: E402
-from pipeline.predict import format_rows, run_predict  # noqa: E402
+from pipeline.inference import last_stage, load_member, resolve_checkpoint  # noqa: E402
 
 
 def main() -> None:

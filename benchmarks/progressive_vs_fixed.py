@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from pipeline.compare import compare, load_run, plot  # noqa: E402
+from pipeline.commands.compare import compare, load_run, plot  # noqa: E402
 from pipeline.config import apply_override, parse_config  # noqa: E402
 from pipeline.train.run import run_training  # noqa: E402
 

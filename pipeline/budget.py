@@ -1,33 +1,32 @@
-"""`python -m pipeline plan FILE --budget 20m`: the stages that fill a time budget on this machine.
+"""The stages that fill a time budget on this machine (`plan FILE --budget 20m`, `run FILE --budget`).
 
 Measures FILE's setup (model, data, loader, AMP, compile, Mixup) at a few sizes between half and all
-of the final size, then fills the budget by the policy that won the progressive-vs-fixed benchmark:
-one ramp from half the final size up to it, then a quarter of the epochs at the final size (with
-FILE's last stage's keys, e.g. `mixup: off`), one batch size, one schedule over the run. The ramp is
-planned only where the measurements say it pays: when the start size does not train at least
-`RAMP_PAYS` times as fast as the final size on this machine, every epoch is at the final size. The
-plan says why it chose what it chose, and how large the training images are.
+of the final size (`pipeline.speeds`), then fills the budget by the policy that won the
+progressive-vs-fixed benchmark: one ramp from half the final size up to it, then a quarter of the
+epochs at the final size (with FILE's last stage's keys, e.g. `mixup: off`), one batch size, one
+schedule over the run. The ramp is planned only where the measurements say it pays: when the start
+size does not train at least `RAMP_PAYS` times as fast as the final size on this machine, every
+epoch is at the final size. The plan says why it chose what it chose, and how large the training
+images are.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import re
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.config import Config, parse_config
 from pipeline.errors import ConfigError
-from pipeline.train.plan import RAMP_MULTIPLE, EpochPlan, format_duration, plan_run
+from pipeline.speeds import Speeds, measure_speeds, measurement_config, per_image
+from pipeline.train.plan import RAMP_MULTIPLE, format_duration, plan_run
 
 START_RATIO = 0.5  # the ramp starts at this share of the final size
 RAMP_PAYS = 1.3  # a ramp is planned only when its start trains at least this much faster than the final size
@@ -50,48 +49,6 @@ def parse_duration(text: str, option: str = "--budget") -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ConfigError(f"{option} {text}: must be a positive duration (e.g. 20m, 1h30m, 900s)")
     return seconds
-
-
-@dataclass(frozen=True)
-class Speeds:
-    """What this machine does with FILE's setup, as measured by `measure_speeds`."""
-
-    train: dict[int, float]  # training images/s by size: loader and step together, as a run sees them
-    val: dict[int, float]  # validation images/s by size
-    new_size_s: float  # once per change of size: new loaders, the first batches (a compile on GPU)
-    epoch_s: float  # once per epoch: new passes over the loaders, the checkpoint writes, the plots
-    start_s: float  # once per run: reading the data, building the model and the first loaders
-
-    def train_seconds(self, size: int, images: int) -> float:
-        return images * per_image(self.train, size)
-
-    def val_seconds(self, size: int, images: int) -> float:
-        return images * per_image(self.val, size)
-
-    def epoch_seconds(self, epoch: EpochPlan, previous: EpochPlan | None, val_images: int) -> float:
-        """One epoch of a plan: training, validation, its checkpoints, and a new size's cost."""
-        changed = previous is None or (previous.img_size, previous.val_size) != (epoch.img_size, epoch.val_size)
-        return (
-            self.train_seconds(epoch.img_size, epoch.images)
-            + self.val_seconds(epoch.val_size, val_images)
-            + self.epoch_s
-            + (self.new_size_s if changed else 0.0)
-        )
-
-
-def per_image(table: dict[int, float], size: int) -> float:
-    """Seconds per image at `size`: straight lines between the measured sizes; beyond them, in
-    proportion to the pixels from the nearest one."""
-    sizes = sorted(table)
-    if size <= sizes[0]:
-        return (size / sizes[0]) ** 2 / table[sizes[0]]
-    if size >= sizes[-1]:
-        return (size / sizes[-1]) ** 2 / table[sizes[-1]]
-    for lo, hi in zip(sizes, sizes[1:]):
-        if lo <= size <= hi:
-            t = (size - lo) / (hi - lo)
-            return (1 - t) / table[lo] + t / table[hi]
-    raise AssertionError(size)
 
 
 def round_size(size: float) -> int:
@@ -181,6 +138,7 @@ class BudgetPlan:
     start_s: float
     measuring_s: float = 0.0  # the measuring, where it counts against the budget (`run --budget`)
     reasons: tuple[str, ...] = ()  # why the plan starts where it does, what the data's size says
+    val_images: int = 0
 
     @property
     def seconds(self) -> float:
@@ -232,127 +190,6 @@ def choose_plan(
     return candidate(lo)
 
 
-def measurement_config(raw: dict, final: int) -> Config:
-    """FILE's setup as one stage (its first stage's keys and batch) at the final size: what is measured."""
-    one = copy.deepcopy(raw)
-    one["stages"] = [{**copy.deepcopy(raw["stages"][0]), "img_size": final, "epochs": 1}]
-    one["stages"][0].pop("val_size", None)
-    return parse_config(one)
-
-
-def measure_speeds(cfg: Config, sizes: list[int], batches: int = 12, warmup: int = 5, log=print) -> Speeds:
-    """Time stage 0 of `cfg` as a run builds it, at each of `sizes`: `batches` training batches after
-    `warmup` (more than the loader prefetches; loader and step together) and as many validation
-    batches; what a new pass over the loaders costs (every epoch) and what a new size costs (new
-    loaders, a compile on GPU); a checkpoint write and the plots (every epoch); and the start (data
-    scan, model, loaders)."""
-    from pipeline.model import build_model, param_groups
-    from pipeline.train.checkpoint import save_checkpoint
-    from pipeline.train.preflight import prepare
-    from pipeline.train.stage import RunContext, build_stage
-    from pipeline.train.step import keep_modes
-
-    begin = time.perf_counter()
-    device, datasets, num_classes = prepare(cfg)
-    model = build_model(cfg.model, num_classes).to(device)
-    ctx = RunContext(cfg, device, model, param_groups(model), num_classes, datasets)
-    train, val, new_size, new_pass = {}, {}, [], []
-    with build_stage(ctx, 0, choose_lr=lambda parts: 0.01) as parts:  # a usable LR; no schedule
-        start_s = time.perf_counter() - begin
-        precision = parts.train_step.precision
-
-        def infer(x: torch.Tensor, _: torch.Tensor) -> None:
-            with torch.no_grad(), precision.autocast(device):
-                parts.net(x)
-
-        for size in sizes:
-            t0 = time.perf_counter()
-            parts.fit_sizes(ctx, size, size)
-            rebuild = time.perf_counter() - t0
-            first, per_batch, images = _timed(parts.train_loader, parts.train_step, device, batches, warmup)
-            again, _, _ = _timed(parts.train_loader, parts.train_step, device, 0, 0, epoch=1)
-            train[size] = images / per_batch
-            with keep_modes(parts.net):
-                parts.net.eval()
-                val_first, val_per_batch, val_images = _timed(parts.val_loader, infer, device, batches, 1)
-                val_again, _, _ = _timed(parts.val_loader, infer, device, 0, 0, epoch=1)
-            val[size] = val_images / val_per_batch
-            new_pass.append(max(0.0, again - per_batch) + max(0.0, val_again - val_per_batch))
-            new_size.append(rebuild + max(0.0, first - again) + max(0.0, val_first - val_again))
-            log(f"  {size:>4} px: train {train[size]:7.1f} img/s, validation {val[size]:7.1f} img/s")
-        state = {"model": model.state_dict(), "optimizer": parts.optimizer.state_dict()}
-        with tempfile.TemporaryDirectory(dir=cfg.run.out_dir if Path(cfg.run.out_dir).is_dir() else None) as tmp:
-            t0 = time.perf_counter()
-            save_checkpoint([Path(tmp) / "last.pt", Path(tmp) / "best.pt"], state)
-            epoch_s = time.perf_counter() - t0 + plot_seconds(Path(tmp), sizes)
-    mean = statistics.fmean
-    return Speeds(train, val, mean(new_size), epoch_s + mean(new_pass), start_s)
-
-
-def _timed(loader, run, device: torch.device, batches: int, warmup: int, epoch: int = 0) -> tuple[float, float, int]:
-    """A new pass over `loader`, each batch given to `run(x, y)`: (seconds to the first batch, run
-    included; then seconds per batch over `batches` batches after `warmup` more; images per batch)."""
-    from pipeline.loader_bench import endless
-    from pipeline.train.step import synchronize
-
-    stream = endless(loader, epoch)
-    t0 = time.perf_counter()
-    x, y = next(stream)
-    run(x, y)
-    synchronize(device)
-    first = time.perf_counter() - t0
-    if not batches:
-        return first, first, x.shape[0]
-    for _ in range(warmup):
-        run(*next(stream))
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        x, y = next(stream)
-        run(x, y)
-    synchronize(device)
-    return first, (time.perf_counter() - t0) / batches, x.shape[0]
-
-
-def plot_seconds(run_dir: Path, sizes: list[int], epochs: int = 8, records_per_epoch: int = 20) -> float:
-    """What redrawing a run's plots costs (a run does it after every epoch), on made-up metrics."""
-    from pipeline.files import write_text
-    from pipeline.report import plot_run
-
-    lines = []
-    for epoch in range(epochs):
-        size = sizes[min(epoch * len(sizes) // epochs, len(sizes) - 1)]
-        for step in range(records_per_epoch):
-            lines.append(
-                {
-                    "kind": "step",
-                    "stage": 0,
-                    "epoch": epoch,
-                    "step": step,
-                    "lr": 0.1,
-                    "momentum": 0.9,
-                    "loss": 2.0 - step / 100,
-                    "images_per_s": 100.0,
-                }
-            )
-        lines.append(
-            {
-                "kind": "epoch",
-                "stage": 0,
-                "epoch": epoch,
-                "img_size": size,
-                "val_loss": 1.0,
-                "val_top1": 50.0,
-                "val_top5": 90.0,
-            }
-        )
-    write_text(run_dir / "metrics.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
-    plot_run(run_dir)  # the first call imports matplotlib, once per run
-    t0 = time.perf_counter()
-    plot_run(run_dir)
-    return time.perf_counter() - t0
-
-
 def format_plan(plan: BudgetPlan, budget_s: float) -> str:
     """The chosen stages with their predicted seconds, then the total against the budget."""
     rows = [*plan.reasons, f"{'stage':>5} {'size':>7} {'batch':>6} {'epochs':>6} {'predicted':>10}"]
@@ -399,7 +236,7 @@ def plan_budget(
     reasons = tuple(r for r in (why, native_note(native_size(datasets.train.samples), final)) if r)
     measuring = time.perf_counter() - begin if measuring_counts else 0.0
     plan = choose_plan(raw, speeds, budget_s - measuring, final, len(datasets.train), len(datasets.val), first)
-    return dataclasses.replace(plan, measuring_s=measuring, reasons=reasons), speeds
+    return dataclasses.replace(plan, measuring_s=measuring, reasons=reasons, val_images=len(datasets.val)), speeds
 
 
 def _check_sizes(model: torch.nn.Module, sizes: list[int], device: torch.device) -> None:
@@ -414,29 +251,3 @@ def _check_sizes(model: torch.nn.Module, sizes: list[int], device: torch.device)
                     f"--final-size {max(sizes)}: the model cannot take {size} px input, a size the plan would use "
                     f"({type(e).__name__}: {str(e).splitlines()[0][:160]})"
                 ) from None
-
-
-def actual_seconds(run_dir: Path, stages: int) -> list[float]:
-    """Wall seconds per stage of a finished run (training, validation, checkpoints), from metrics.jsonl."""
-    from pipeline.report import read_metrics
-
-    ends = [0.0] * stages
-    for record in read_metrics(run_dir / "metrics.jsonl"):
-        if record.get("kind") == "epoch":
-            ends[record["stage"]] = max(ends[record["stage"]], record["elapsed_s"])
-    return [end - (ends[k - 1] if k else 0.0) for k, end in enumerate(ends)]
-
-
-def format_outcome(plan: BudgetPlan, actual: list[float], start_s: float, spent_s: float, budget_s: float) -> str:
-    """Predicted against actual seconds, per stage and in all (`spent_s`: the planning)."""
-    rows = [f"{'':>14} {'predicted':>10} {'actual':>10}"]
-    rows.append(f"{'planning':>14} {'':>10} {format_duration(spent_s):>10}")
-    rows.append(f"{'start and end':>14} {format_duration(plan.start_s):>10} {format_duration(start_s):>10}")
-    for k, (p, a) in enumerate(zip(plan.stage_seconds, actual)):
-        rows.append(f"{f'stage {k}':>14} {format_duration(p):>10} {format_duration(a):>10}")
-    total = spent_s + start_s + sum(actual)
-    rows.append(
-        f"{'total':>14} {format_duration(spent_s + plan.seconds):>10} {format_duration(total):>10}  "
-        f"({100 * total / budget_s:.0f}% of the {format_duration(budget_s)} budget)"
-    )
-    return "\n".join(rows)

@@ -97,6 +97,7 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = checked(20, at_least_one)  # steps between metric flushes (each one syncs the GPU)
     checkpoint_every: float = checked(10.0, non_negative)  # minutes between mid-epoch checkpoints; 0: every step
+    tensorboard: bool = False  # TensorBoard event files beside metrics.jsonl (needs the tensorboard package)
 
 
 @dataclass

@@ -16,24 +16,31 @@ from pipeline.files import write_text
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object a line (`kind`: step | epoch), appended and flushed."""
+    """`metrics.jsonl`: one JSON object a line (`kind`: step | epoch), appended and flushed; with a
+    `TensorBoardLog`, the same records as TensorBoard scalars too."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, tensorboard: TensorBoardLog | None = None):
         """`None`: a log that keeps nothing (the ranks other than 0 under torchrun)."""
-        self.path = path
+        self.path, self.tensorboard = path, tensorboard
         self._file = open(path, "a", buffering=1) if path is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.writer.flush()
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.writer.close()
 
     @staticmethod
     def keep_before(path: Path, stage: int, epoch: int, batch: int = 0) -> None:
@@ -56,6 +63,40 @@ def _before(line: str, stage: int, epoch: int, batch: int) -> bool:
     if record.get("kind") == "lr_find":  # not run again on resume
         return record["stage"] <= stage
     return where < (stage, epoch)
+
+
+class TensorBoardLog:
+    """`run.tensorboard`: the run's records as TensorBoard scalars in RUN_DIR/tensorboard, on one axis of
+    training batches over the whole run (`position(stage, epoch, batch)`): per batch the loss, LR,
+    momentum and images/s (`train/...`); per epoch the sizes and the validation loss, top-1 and top-5
+    (`val/...`, `val_ema/...`). `purge_step`: on resume, the batch it resumes at; what the crashed run
+    logged from there on is hidden, as metrics.jsonl drops it."""
+
+    STEP = ("loss", "lr", "momentum", "images_per_s")
+    EPOCH = {"train_loss": "train/epoch_loss", "train_images_per_s": "train/epoch_images_per_s",
+             "img_size": "size/train", "val_size": "size/val"}  # fmt: skip
+
+    def __init__(self, log_dir: Path, position, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter  # the tensorboard package: checked before the run
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        self.position = position
+
+    def write(self, record: dict[str, Any]) -> None:
+        kind = record.get("kind")
+        if kind == "step":
+            at = self.position(record["stage"], record["epoch"], record["step"])
+            for key in self.STEP:
+                if record.get(key) is not None:
+                    self.writer.add_scalar(f"train/{key}", record[key], at)
+        elif kind == "epoch":
+            at = self.position(record["stage"], record["epoch"] + 1, 0) - 1  # at the epoch's last batch
+            for key, value in record.items():
+                name, metric = self.EPOCH.get(key), key.rsplit("_", 1)[-1]
+                if key.startswith("val_") and metric in ("loss", "top1", "top5"):  # val_top1, val_ema_top1, ...
+                    name = ("val_ema/" if key.startswith("val_ema_") else "val/") + metric
+                if name is not None and value is not None:
+                    self.writer.add_scalar(name, value, at)
 
 
 def epoch_bar(total: int, desc: str, enabled: bool = True) -> tqdm:

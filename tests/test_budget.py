@@ -12,20 +12,19 @@ import yaml
 import pipeline.budget as budget
 from pipeline.budget import (
     BudgetPlan,
-    Speeds,
     choose_plan,
     choose_start,
     format_plan,
     native_note,
     native_size,
     parse_duration,
-    per_image,
     policy_stages,
     predict,
 )
 from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
+from pipeline.speeds import Speeds, per_image
 from pipeline.train.plan import plan_run
 
 
@@ -114,8 +113,11 @@ def test_the_prediction_adds_up(tiny_config):
     raw["stages"] = policy_stages(raw, 4, 64)  # 32, 64 | 64 | 64 ... : ramp of 3 (32, 48, 64), 1 settling
     cfg = parse_config(raw)
     seconds = predict(cfg, SPEEDS, train_images=100, val_images=30)
-    # ramp: 100 images per epoch at 32, 48, 64 px, validation at the same sizes, three new sizes
-    ramp = 100 / 800 + 100 / 400 + 100 / 200 + 30 / 2400 + 30 / 1200 + 30 / 600 + 3 * (0.5 + 2.0)
+    # ramp: 100 images per epoch at 32, 48, 64 px, validation at the same sizes, three new sizes; the 32 -> 48
+    # jump (train.size_jumps) puts a quarter of the batches below 64 px at 64, and the epoch before it
+    # rises to 48 px on half of the rest
+    train = [(0.375 / 800 + 0.375 / 400 + 0.25 / 200), (0.75 / 400 + 0.25 / 200), 1 / 200]
+    ramp = 100 * sum(train) + 30 / 2400 + 30 / 1200 + 30 / 600 + 3 * (0.5 + 2.0)
     settle = 100 / 200 + 30 * (72 / 64) ** 2 / 600 + 0.5 + 2.0  # validation moves to 72 px: a new size
     assert seconds == pytest.approx([ramp, settle])
     plan = choose_plan(raw, SPEEDS, 60.0, 64, 100, 30)
@@ -190,6 +192,8 @@ def test_budget_options_need_a_budget_or_a_new_run(tiny_config, write_yaml, caps
     assert "--final-size: only with --budget" in capsys.readouterr().err
     assert main(["run", file, "--start-size", "16"]) == 2
     assert "--start-size: only with --budget" in capsys.readouterr().err
+    assert main(["run", file, "--no-replan"]) == 2
+    assert "--no-replan: only with --budget" in capsys.readouterr().err
     assert main(["run", file, "--budget", "1m", "--resume", str(tmp_path)]) == 2
     assert "--budget plans a new run" in capsys.readouterr().err
 
@@ -220,5 +224,6 @@ def test_run_with_a_budget_plans_runs_and_reports_predicted_against_actual(tiny_
     stages = yaml.safe_load((run_dir / "config.yaml").read_text())["stages"]
     assert len(report["predicted_s"]["stages"]) == len(report["actual_s"]["stages"]) == len(stages)
     assert stages[-1]["img_size"] == 24 and all(s > 0 for s in report["actual_s"]["stages"])
+    assert isinstance(report["replans"], list)  # each: after which epoch, the factor, the last stage's epochs
     assert report["total_s"] <= 12 * 2.5  # loose: a loaded machine slows tiny epochs by whole seconds
     assert "predicted" in out and "% of the 12 s budget" in out

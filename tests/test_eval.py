@@ -10,9 +10,11 @@ import pytest
 import timm
 import torch
 
-from pipeline import evaluate
+from pipeline import inference
 from pipeline.cli import main
-from pipeline.evaluate import candidate_sizes, metrics, predict, tta_views
+from pipeline.commands import eval as evaluate
+from pipeline.commands.eval import candidate_sizes, metrics
+from pipeline.inference import predict, tta_views
 from pipeline.train.step import Precision
 
 CPU = torch.device("cpu")
@@ -116,7 +118,7 @@ def test_candidate_sizes_round_half_up_to_multiples_of_8():
 
 def test_search_sizes_keeps_the_best_and_the_smaller_size_on_a_tie(monkeypatch):
     top1 = {24: 50.0, 32: 70.0, 40: 70.0}
-    monkeypatch.setattr(evaluate, "size_problem", lambda setup, size: None)
+    monkeypatch.setattr(inference, "size_problem", lambda setup, size: None)
     monkeypatch.setattr(evaluate, "evaluate_at", lambda setup, size: {"top1": top1[size], "top5": 90.0, "at": size})
     scores, size, rows = evaluate.search_sizes(SimpleNamespace(run_size=24))
     assert size == 32 and scores["at"] == 32  # the metrics written are those of the chosen size

@@ -15,9 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.cli import main
+from pipeline.commands.export import FORMATS
 from pipeline.data.folder import scan_image_folder
-from pipeline.evaluate import load_member
-from pipeline.export import FORMATS
+from pipeline.inference import load_member
 
 from conftest import make_loader
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from pipeline.cli import main
+from pipeline.commands.bench_loader import apply_settings, verdicts
 from pipeline.config import load_config
-from pipeline.loader_bench import apply_settings, verdicts
 
 LOADER_KEYS = {"img_size", "batch_size", "backend", "workers", "images_per_s", "first_batch_s", "cpu_percent"}
 BACKENDS = ["tv2", "cache", "classic"] + (["dali"] if importlib.util.find_spec("nvidia.dali") else [])

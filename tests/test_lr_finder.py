@@ -13,8 +13,8 @@ from torch._dynamo.testing import CompileCounter
 
 import pipeline.train.step as step_mod
 from pipeline.cli import main
+from pipeline.commands.lr_find import run_lr_find
 from pipeline.config import load_config, parse_config
-from pipeline.lr_finder import run_lr_find
 from pipeline.train.range_test import find_lr, lr_at, range_test
 from pipeline.train.run import run_training
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.check_data import check_dataset, list_files
+from pipeline.commands.check_data import check_dataset, list_files
 from pipeline.data.cache import bad_list, central_square, open_cache, smaller_cache, write_array
 from pipeline.data.folder import scan_image_folder
 from pipeline.files import atomic_path, atomic_write

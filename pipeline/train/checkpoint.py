@@ -38,6 +38,7 @@ class Progress:
     elapsed: float = 0.0  # wall seconds of the whole run so far (validation included; across resumes)
     batch: int = 0  # batches of epoch `epoch` already trained: > 0 in a checkpoint taken mid-epoch
     partial: dict[str, float] = field(default_factory=dict)  # that epoch's loss sum, batches, images, seconds
+    replans: list[dict[str, Any]] = field(default_factory=list)  # `run --budget`'s new stage lengths, in order
 
     @property
     def started(self) -> bool:

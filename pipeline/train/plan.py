@@ -140,6 +140,11 @@ class RunPlan:
         val = {(e.val_size, e.val_batch_per_process) for e in self.epochs}
         return len(train) + len(val)
 
+    def batches_before(self, k: int, epoch: int) -> int:
+        """Training batches (per process) of the epochs before epoch `epoch` of stage `k`: where that
+        epoch starts on the run's axis of batches (TensorBoard's step)."""
+        return sum(e.batches for e in self.epochs if (e.stage, e.epoch) < (k, epoch))
+
     @property
     def total_updates(self) -> int:
         return sum(e.updates for e in self.epochs)

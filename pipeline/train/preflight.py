@@ -5,6 +5,7 @@ Every problem a user can cause surfaces here as one ConfigError or DataError nam
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +28,11 @@ RESUME_MUTABLE = ("run.", "data.workers", "data.decode_on", "data.on_error", "mo
 def prepare(cfg: Config, world: World = World()) -> tuple[torch.device, Datasets, int]:
     """Device, scanned datasets and class count; every user error surfaces here, before training."""
     device = resolve_device(cfg.run.device, world)
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "run.tensorboard: true needs the tensorboard package: pip install tensorboard (or the project's "
+            "tensorboard extra), or set run.tensorboard: false"
+        )
     if cfg.train.sync_bn and world.distributed and device.type != "cuda":
         raise ConfigError(
             "train.sync_bn: SyncBatchNorm needs CUDA (NCCL); on CPU each process keeps its own statistics"

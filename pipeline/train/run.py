@@ -14,23 +14,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import yaml
 from timm.layers import convert_sync_batchnorm
 
 from pipeline import distributed
 from pipeline.config import Config, EmaConfig
 from pipeline.data import Datasets
 from pipeline.distributed import World
-from pipeline.files import write_json, write_text
+from pipeline.files import write_json
 from pipeline.model import build_model, param_groups
-from pipeline.report import MetricsLog, format_summary, plot_run
-from pipeline.train.checkpoint import Checkpoint, Checkpointer, Progress, derive_seed, rng_state, seed_everything
+from pipeline.report import MetricsLog, TensorBoardLog, format_summary, plot_run
+from pipeline.train.checkpoint import Checkpoint, Checkpointer, Progress, derive_seed, seed_everything
 from pipeline.train.loop import EpochResult, LoopSettings, evaluate, train_epoch
 from pipeline.train.memory import check_memory, out_of_memory
 from pipeline.train.plan import RunPlan, describe_jumps, plan_run
 from pipeline.train.preflight import check_groups, check_input_sizes, check_resume, prepare
 from pipeline.train.range_test import lr_for_run
 from pipeline.train.rundir import hold_run_dir, new_run_dir
+from pipeline.train.runstate import replanned_config, run_checkpoint, take_plan, write_plan
 from pipeline.train.signals import StopSignals
 from pipeline.train.stage import RunContext, StageParts, build_stage
 from pipeline.train.step import WeightEma
@@ -43,6 +43,9 @@ class RunHooks:
     after_save: Callable[[list[Path]], None] | None = None  # after each checkpoint write, with its paths
     stage_built: Callable[[StageParts], None] | None = None  # a stage's parts, before its first batch
     epoch_start: Callable[[int, int], None] | None = None  # (stage, epoch), before its first batch
+    # after each epoch's validation (`run --budget`): given the plan, the configuration and the progress,
+    # a configuration with new lengths for the epochs not yet begun, or None to go on as planned
+    replan: Callable[[RunPlan, dict, Progress], dict | None] | None = None
 
 
 def run_training(
@@ -80,6 +83,8 @@ def _train(
         held.enter_context(hold_run_dir(run_dir, world.is_main))
         checkpoint = Checkpoint.read(run_dir / "checkpoints" / "last.pt")
         progress = checkpoint.run_progress
+        if progress.replans:  # re-planned while it ran (`run --budget`): the checkpoint has the plan
+            cfg, plan = replanned_config(cfg, checkpoint.config, len(datasets.train), world.world_size)
         check_resume(checkpoint, cfg, datasets, plan, progress, world)
         model = build_model(replace(cfg.model, pretrained=None), num_classes).to(device)  # weights: below
         model.load_state_dict(checkpoint.state_dict)
@@ -103,8 +108,7 @@ def _train(
         )
         held.enter_context(hold_run_dir(run_dir, world.is_main))
     if world.is_main:
-        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.raw, sort_keys=False))
-        write_json(run_dir / "plan.json", plan.records())
+        write_plan(run_dir, cfg, plan)
     processes = f" x {world.world_size} processes (torchrun)" if world.distributed else ""
     print(
         f"run folder {run_dir}\ndevice {device}{processes}; {len(datasets.train)} train / {len(datasets.val)} val "
@@ -114,12 +118,17 @@ def _train(
     if checkpoint is not None and checkpoint.state_dict_ema is not None:
         ctx.ema = WeightEma(model, cfg.stages[progress.stage].train.ema or cfg.train.ema or EmaConfig())
         ctx.ema.load_state_dict(checkpoint.state_dict_ema, checkpoint.ema_updates)
-    metrics = MetricsLog(run_dir / "metrics.jsonl") if world.is_main else MetricsLog(None)
+    at = plan.batches_before(progress.stage, progress.epoch) + progress.batch if resume is not None else None
+    board = TensorBoardLog(run_dir / "tensorboard", None, at) if cfg.run.tensorboard and world.is_main else None
+    metrics = MetricsLog(run_dir / "metrics.jsonl", board) if world.is_main else MetricsLog(None)
     try:
         with StopSignals() as stop:
             loop = LoopSettings(run_dir, device, world, metrics, stop, cfg.run.log_every, cfg.run.checkpoint_every * 60)
             checkpoints = Checkpointer(run_dir, device, world, hooks.after_save)
-            Trainer(ctx, plan, loop, checkpoints, hooks).run(progress, checkpoint)
+            trainer = Trainer(ctx, plan, loop, checkpoints, hooks)
+            if board is not None:  # the run's axis of batches, as the plan (re-planned or not) has it
+                board.position = lambda k, epoch, batch: trainer.plan.batches_before(k, epoch) + batch
+            trainer.run(progress, checkpoint)
     finally:
         metrics.close()
     return run_dir
@@ -169,9 +178,11 @@ class Trainer:
             print(f"{line}\n{jumps}" if jumps else line)
             if self.hooks.stage_built is not None:
                 self.hooks.stage_built(parts)
-            for epoch in range(progress.epoch, parts.stage.epochs):
+            epoch = progress.epoch
+            while epoch < parts.stage.epochs:  # a re-plan may change the stage's length
                 result = self.train_one_epoch(parts, progress, epoch, resume)
                 self.end_epoch(parts, progress, epoch, result)
+                epoch += 1
         progress.stage, progress.epoch = k + 1, 0
         progress.stage_seconds, progress.stage_images = 0.0, 0
 
@@ -195,7 +206,7 @@ class Trainer:
         def save_mid_epoch(batches_done: int, partial: dict[str, float]) -> None:
             progress.batch, progress.partial = batches_done, partial
             self.tick(progress)
-            self.checkpoints.save(["last.pt"], self.checkpoint(parts, progress))
+            self.checkpoints.save(["last.pt"], run_checkpoint(self.ctx, parts, progress, self.plan))
 
         result = train_epoch(
             self.loop,
@@ -232,11 +243,17 @@ class Trainer:
         improved = val["top1"] > progress.best_val_top1
         progress.best_val_top1 = max(progress.best_val_top1, val["top1"])
         self.report_epoch(parts, progress, epoch, result, val, val_ema)
+        raw = self.hooks.replan(self.plan, self.cfg.raw, progress) if self.hooks.replan is not None else None
+        if raw is not None:  # new lengths for the epochs not yet begun (`run --budget`)
+            self.plan = take_plan(self.ctx, parts, progress, self.plan, raw)
+            self.cfg = self.ctx.cfg
         stage_done = progress.epoch == stage.epochs
         if stage_done:  # record it before saving
             progress.finish_stage(stage, val["top1"], val_ema["top1"] if val_ema else None)
         names = ["best.pt"] * improved + [f"stage{k}.pt"] * stage_done + ["last.pt"]
-        self.checkpoints.save(names, self.checkpoint(parts, progress))
+        self.checkpoints.save(names, run_checkpoint(self.ctx, parts, progress, self.plan))
+        if raw is not None and self.ctx.world.is_main:  # after the checkpoint, which a resume reads it from
+            write_plan(self.run_dir, self.cfg, self.plan)
         finished = k == len(self.cfg.stages) - 1 and stage_done
         if self.loop.stop.agree(False, device) and not finished:  # a stop asked for; the run's last epoch just ends
             raise self.loop.stop.stopped(self.run_dir, f"stage {k}, after epoch {epoch}")
@@ -269,27 +286,6 @@ class Trainer:
             f"top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%"
             + (f", EMA top-1 {val_ema['top1']:.2f}%" if val_ema else "")
             + f" ({result.seconds:.1f} s, {result.images / result.seconds:.0f} img/s)"
-        )
-
-    def checkpoint(self, parts: StageParts, progress: Progress) -> Checkpoint:
-        """The run as it stands, in the one checkpoint schema."""
-        ctx, ema, scaler = self.ctx, self.ctx.ema, parts.train_step.scaler
-        return Checkpoint(
-            state_dict=ctx.model.state_dict(),
-            arch=self.cfg.model.arch,
-            num_classes=ctx.num_classes,
-            classes=ctx.datasets.classes,
-            config=self.cfg.raw,
-            train_size=len(ctx.datasets.train),
-            world_size=ctx.world.world_size,
-            optimizer=parts.optimizer.state_dict(),
-            scheduler=parts.scheduler.state_dict(),
-            scaler=scaler.state_dict() if scaler is not None else None,
-            state_dict_ema=ema.state_dict() if ema is not None else None,
-            ema_updates=ema.updates if ema is not None else 0,
-            progress=progress.state_dict(),
-            rng=distributed.gather_all(rng_state(self.ctx.device)),  # each rank draws its own
-            plan=self.plan.records(),
         )
 
     def tick(self, progress: Progress) -> float:

@@ -122,3 +122,23 @@ def current_lr_momentum(optimizer: torch.optim.Optimizer) -> tuple[float, float 
     group = max(optimizer.param_groups, key=lambda g: g["lr"])
     momentum = group.get("momentum", group.get("betas", (None,))[0])
     return float(group["lr"]), momentum
+
+
+def respan_scheduler(
+    scheduler: LRScheduler, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, span: tuple[int, int, int]
+) -> LRScheduler:
+    """`scheduler`, stretched or shortened to a new span (total, per epoch, where the stage starts: as
+    `build_scheduler`'s) at the step it has reached: the curve the plan now has, from the same step, each
+    group from its own peak. A run re-planned mid-way (`run --budget`) goes on with it."""
+    total, per_epoch, offset = span
+    reached = scheduler.last_epoch  # steps taken: from the curve's start (onecycle) or the stage's
+    if isinstance(scheduler, OneCycleLR):
+        for group in optimizer.param_groups:
+            group["lr"] = group["max_lr"]  # build_scheduler reads each group's peak from its LR
+        return build_scheduler(optimizer, cfg, max(total, reached + 1), per_epoch, offset=reached)
+    respanned = build_scheduler(optimizer, cfg, total, per_epoch, offset)  # each group's `initial_lr` is kept
+    respanned.last_epoch = reached - 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        respanned.step()
+    return respanned

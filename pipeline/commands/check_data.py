@@ -6,6 +6,7 @@ decode, and the same file in train and val. Every file is decoded once, in paral
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import os
@@ -16,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from pipeline.errors import DataError, UserError
+from pipeline.options import write_or_fail
 
-from pipeline.data.folder import header_problem, is_image_file
-from pipeline.errors import DataError
+HELP = "class counts, image modes, sizes, bad files, train/val duplicates"
 
 ODD_MODES = {
     "L": "grayscale",
@@ -35,6 +36,25 @@ ODD_MODES = {
 }
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", type=Path, help="an ImageFolder, or a folder with train/ and val/ ImageFolders")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report to this file")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: every core)")
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    """Exit status 0 when nothing would stop or spoil training, 1 when something would."""
+    from pipeline.files import write_json
+
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: need at least 1")
+    report = check_dataset(args.path, args.workers)
+    print(format_report(report))
+    if args.json:
+        write_or_fail(f"--json {args.json}: cannot write", lambda: write_json(args.json, report))
+    return 1 if problems(report) else 0
+
+
 @dataclass
 class FileReport:
     path: str
@@ -48,6 +68,10 @@ class FileReport:
 
 def inspect(args: tuple[str, str]) -> FileReport:
     """One file: header check, then a full decode (a truncated or corrupt file fails here)."""
+    from PIL import Image
+
+    from pipeline.data.folder import header_problem
+
     path, label = args
     report = FileReport(path, label)
     report.problem = header_problem(path)
@@ -73,6 +97,8 @@ def splits_of(root: Path) -> dict[str, Path]:
 def list_files(root: Path) -> list[tuple[str, str, bool]]:
     """(path, class, is an image the loaders read) for each file not hidden; ("", class, False) marks
     a class with no images."""
+    from pipeline.data.folder import is_image_file
+
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")

@@ -6,6 +6,7 @@ the validation curves overlaid, against epochs and against wall-clock seconds.
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,25 @@ from typing import Any
 from pipeline.errors import UserError
 from pipeline.files import pyplot, write_json, write_png
 from pipeline.report import read_metrics
+
+HELP = "runs side by side: a table and overlaid validation curves"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="two or more run folders")
+    parser.add_argument("--out", type=Path, default=Path("compare"), help="output folder (default ./compare)")
+    parser.add_argument(
+        "--target", type=float, default=None, help="top-1 (%%) for 'time to target' (default: the lowest final top-1)"
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    if args.target is not None and not 0 < args.target <= 100:
+        raise UserError(f"--target {args.target}: a top-1 accuracy in percent, in (0, 100]")
+    result, files = run_compare(args.runs, args.out, args.target)
+    print(format_table(result))
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    return 0
 
 
 @dataclass

@@ -5,6 +5,7 @@ A file that cannot be decoded is named in a warning, left out and listed at the 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -13,28 +14,74 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from pipeline.data import Loader
-from pipeline.data.folder import IMG_EXTENSIONS, ImageFolderIndex, header_problem, is_image_file, warn_skipped
-from pipeline.distributed import resolve_device
 from pipeline.errors import DataError, UserError
-from pipeline.evaluate import (
-    AUTO,
-    TTA_MODES,
-    EvalSetup,
-    check_img_size,
-    last_stage,
-    load_member,
-    probabilities_at,
-    resolve_checkpoint,
-    size_problem,
-)
-from pipeline.report import epoch_bar
-from pipeline.train.step import resolve_precision
+from pipeline.files import write_text
+from pipeline.options import write_or_fail
 
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.data import Loader
+
+HELP = "the top-k classes of image files and folders, with a checkpoint"
 OUTPUT_FORMATS = (".csv", ".jsonl")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", type=Path, metavar="RUN_DIR|CKPT", help="a run folder (its best.pt) or a checkpoint")
+    parser.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files and folders (recursive)")
+    parser.add_argument("--topk", type=int, default=5, help="classes per image (default 5; at most the classes)")
+    parser.add_argument(
+        "--tta", default="none", metavar="none|flip|flip+crops", help="test-time augmentation, as eval's (default none)"
+    )
+    parser.add_argument("--img-size", default=None, metavar="N", help="input size (default: as the run validated)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the last stage's batch size")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights (runs trained with train.ema)")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the run's data.workers)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="FILE.csv|FILE.jsonl",
+        help="the predictions file (default: CSV on stdout, the summary on stderr)",
+    )
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Exit status 0 when at least one image was predicted (the others are named), 2 when none could be."""
+    fmt = output_format(args.out)
+    result = run_predict(
+        args.target,
+        args.paths,
+        topk=args.topk,
+        tta=args.tta,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        use_ema=args.ema,
+        workers=args.workers,
+        device_name=args.device,
+    )
+    if args.out is None:
+        sys.stdout.write(format_rows(result.rows, "csv"))
+    else:
+        write_or_fail(f"--out {args.out}: cannot write", lambda: write_text(args.out, format_rows(result.rows, fmt)))
+    say = sys.stderr if args.out is None else sys.stdout  # stdout carries the rows when there is no --out
+    n = len(result.rows) + len(result.skipped)
+    print(
+        f"predicted {len(result.rows)} of {n} image(s) with {result.checkpoint} ({result.weights} weights, "
+        f"{result.img_size}px, TTA {result.tta})",
+        file=say,
+    )
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} file(s) that could not be read:", file=say)
+        for path in result.skipped:
+            print(f"  {path}", file=say)
+    if args.out is not None:
+        print(f"wrote {args.out}", file=say)
+    return 0
 
 
 @dataclass
@@ -58,28 +105,6 @@ class PredictResult:
     weights: str  # raw | ema
 
 
-def collect_images(paths: list[Path]) -> list[str]:
-    """The files to predict, in the order given: a file as it is (its content decides whether it is an
-    image), a folder's images (by extension, as the loaders read them) recursively, in sorted order."""
-    found: list[str] = []
-    seen: set[Path] = set()
-    for path in paths:
-        if path.is_dir():
-            files = sorted((p for p in path.rglob("*") if is_image_file(p)), key=lambda p: p.parts)
-        elif path.is_file():
-            files = [path]
-        else:
-            raise UserError(f"{path}: no such file or folder")
-        for f in files:
-            if f.resolve() not in seen:  # a file named twice (itself and in its folder) is predicted once
-                seen.add(f.resolve())
-                found.append(str(f))
-    if not found:
-        names = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
-        raise UserError(f"{names}: no image files there (by extension: {', '.join(IMG_EXTENSIONS)})")
-    return found
-
-
 def output_format(out: Path | None) -> str | None:
     """`--out`'s format from its suffix: csv or jsonl (None: CSV on stdout)."""
     if out is None:
@@ -94,7 +119,7 @@ def output_format(out: Path | None) -> str | None:
 class BatchWatch:
     """Wraps the validation loader: advances the progress bar and notes where a batch whose every image
     failed to decode stopped it (the tv2 loader raises there; the batches before it stand). A pass that
-    yields nothing at all raises DataError (`evaluate.predict` needs a batch)."""
+    yields nothing at all raises DataError (`inference.predict` needs a batch)."""
 
     def __init__(self, bar, batch_size: int, total: int):
         self.bar, self.batch_size, self.total = bar, batch_size, total
@@ -129,6 +154,8 @@ class BatchWatch:
 def readable(files: list[str], backend: str) -> list[bool]:
     """Which files may be images (the scan's header check; DALI also leaves GIF out): the others are named
     in a warning now, and never reach the loader."""
+    from pipeline.data.folder import header_problem, warn_skipped
+
     with ThreadPoolExecutor(max_workers=16) as pool:  # one small read a file: I/O bound
         problems = list(pool.map(header_problem, files, chunksize=256))
     if backend == "dali":
@@ -157,6 +184,25 @@ def run_predict(
 ) -> PredictResult:
     """Predict every image under `paths` with `target` (a run folder's best.pt, or a checkpoint) at
     `img_size` (default: the size the run validated at), through the run's validation loader."""
+    import torch
+
+    from pipeline.data.folder import ImageFolderIndex
+    from pipeline.distributed import resolve_device
+    from pipeline.inference import (
+        AUTO,
+        TTA_MODES,
+        EvalSetup,
+        check_img_size,
+        collect_images,
+        last_stage,
+        load_member,
+        probabilities_at,
+        resolve_checkpoint,
+        size_problem,
+    )
+    from pipeline.report import epoch_bar
+    from pipeline.train.step import resolve_precision
+
     if tta not in TTA_MODES:
         raise UserError(f"--tta {tta}: expected one of {', '.join(TTA_MODES)}")
     if topk < 1:

@@ -5,35 +5,26 @@ Each export is read back and checked against the PyTorch model on real validatio
 
 from __future__ import annotations
 
+import argparse
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.config import StageSpec
-from pipeline.data import build_loader
-from pipeline.data.demo import demo_root
-from pipeline.data.folder import ImageFolderIndex
-from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import UserError
-from pipeline.evaluate import (
-    AUTO,
-    Member,
-    check_img_size,
-    input_problem,
-    last_stage,
-    load_member,
-    resolve_checkpoint,
-    run_folder,
-)
 from pipeline.files import atomic_path, atomic_write
-from pipeline.predict import collect_images
-from pipeline.train.step import Precision
+from pipeline.options import write_or_fail
 
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.inference import Member
+
+HELP = "a checkpoint as safetensors + timm config.json, TorchScript or ONNX"
 FORMATS = {"safetensors": "model.safetensors", "torchscript": "model.pt", "onnx": "model.onnx"}
 EXPORT_INSTALL = "pip install -e '.[export]'"
-CPU = torch.device("cpu")
 CHECK_IMAGES = 16  # validation images the export is checked on, spread over the folder
 EXAMPLE_BATCH = 2  # the batch traced or exported; the check runs another, so a fixed batch would show
 TOLERANCE = 1e-3  # largest |logit difference| before the check warns (float32 on CPU: about 1e-6)
@@ -56,6 +47,35 @@ TORCHSCRIPT_NOTE = (
     "note: PyTorch deprecates TorchScript (torch.jit); torch.jit.load reads this file while it lasts, "
     "--format onnx or safetensors are the lasting forms"
 )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", type=Path, metavar="RUN_DIR|CKPT", help="a run folder (its best.pt) or a checkpoint")
+    parser.add_argument(
+        "--format", default="safetensors", metavar="safetensors|torchscript|onnx", help="(default safetensors)"
+    )
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights (runs trained with train.ema)")
+    parser.add_argument("--img-size", default=None, metavar="N", help="input size (default: as the run validated)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default: RUN_DIR/export)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    job = load_export(args.target, args.format, args.ema, args.img_size, args.out)
+    images, source = check_batch(job)
+    write_or_fail(f"--out {job.out}: cannot write", lambda: write_export(job))
+    arch, classes = job.member.config["model"]["arch"], len(job.member.classes)
+    print(f"exported {job.member.path} ({arch}, {classes} classes, {job.weights} weights, {job.img_size}px)")
+    print(f"wrote {job.model_file} and {job.config_file}")
+    if job.fmt == "torchscript":
+        print(TORCHSCRIPT_NOTE)
+    difference = check_export(job, images)
+    if difference is None:
+        print(f"not checked: onnxruntime is not installed ({EXPORT_INSTALL})")
+        return 0
+    print(f"checked on {source}: largest |logit difference| to the PyTorch model {difference:.3g}")
+    if difference > TOLERANCE:
+        print(f"warning: the export differs from the PyTorch model by more than {TOLERANCE:g}", file=sys.stderr)
+    return 0
 
 
 @dataclass
@@ -87,16 +107,30 @@ def load_export(
 ) -> ExportJob:
     """Resolve the checkpoint (a run folder: its best.pt) and the export's size (default: the size the
     run validated at) and folder (default: RUN_DIR/export)."""
+    import torch
+
+    from pipeline.inference import (
+        AUTO,
+        check_img_size,
+        input_problem,
+        last_stage,
+        load_member,
+        resolve_checkpoint,
+        run_folder,
+    )
+    from pipeline.train.step import Precision
+
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     size = check_img_size(img_size)
     if size == AUTO:
         raise UserError(f"--img-size {AUTO}: export takes one size; eval --img-size auto finds the best")
     checkpoint = resolve_checkpoint(target, use_ema)
-    member = load_member(checkpoint, CPU, use_ema, torch.contiguous_format)  # safetensors saves contiguous tensors
+    cpu = torch.device("cpu")
+    member = load_member(checkpoint, cpu, use_ema, torch.contiguous_format)  # safetensors saves contiguous tensors
     stage = last_stage(member.config)
     size = size or stage.val_size or stage.img_size
-    problem = input_problem([member], size, Precision(None), CPU)
+    problem = input_problem([member], size, Precision(None), cpu)
     if problem is not None:
         raise UserError(f"--img-size {size}: {problem}")
     folder = Path(out) if out is not None else run_folder(checkpoint) / "export"
@@ -105,6 +139,8 @@ def load_export(
 
 def write_export(job: ExportJob) -> None:
     """Write the model file and config.json, each atomically."""
+    import torch
+
     model, example = job.member.model, torch.zeros(EXAMPLE_BATCH, 3, job.img_size, job.img_size)
     if job.fmt == "onnx":
         program = onnx_program(model, example, job.member.config["model"]["arch"])  # before anything is written
@@ -126,6 +162,8 @@ def write_export(job: ExportJob) -> None:
 
 def onnx_program(model: torch.nn.Module, example: torch.Tensor, arch: str):
     """torch.onnx's exporter (torch.export based: it needs onnx and onnxscript) with a dynamic batch."""
+    import torch
+
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
@@ -154,6 +192,8 @@ def write_config(job: ExportJob) -> None:
     pretrained_cfg with input size, mean/std, crop_pct, interpolation): the validation transform."""
     from timm.models._hub import save_config_for_hf  # the writer of timm's own save_for_hf
 
+    from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD
+
     model = job.member.model
     model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k in CONFIG_KEYS}
     data_config = {
@@ -171,6 +211,13 @@ def write_config(job: ExportJob) -> None:
 def check_batch(job: ExportJob) -> tuple[torch.Tensor, str]:
     """Up to CHECK_IMAGES validation images of the run, spread over its folder, through the validation
     transform at the export's size; random inputs when the folder is gone."""
+    import torch
+
+    from pipeline.data import build_loader
+    from pipeline.data.demo import demo_root
+    from pipeline.data.folder import ImageFolderIndex
+    from pipeline.inference import collect_images
+
     val = job.member.config["data"]["val"]
     folder = demo_root() / "val" if val == "demo" else Path(val)
     if not folder.is_dir():
@@ -181,7 +228,14 @@ def check_batch(job: ExportJob) -> tuple[torch.Tensor, str]:
     index = ImageFolderIndex(folder, job.member.classes, [(f, k) for k, f in enumerate(picked)])
     data = replace(job.stage.data, backend="tv2", cache=None, workers=0, on_error="skip")
     loader = build_loader(
-        data, index, train=False, img_size=job.img_size, batch_size=len(picked), device=CPU, seed=0, channels_last=False
+        data,
+        index,
+        train=False,
+        img_size=job.img_size,
+        batch_size=len(picked),
+        device=torch.device("cpu"),
+        seed=0,
+        channels_last=False,
     )
     try:
         images, _ = next(iter(loader))
@@ -190,24 +244,26 @@ def check_batch(job: ExportJob) -> tuple[torch.Tensor, str]:
     return images, f"{len(images)} validation images of {folder}"
 
 
-@torch.no_grad()
 def check_export(job: ExportJob, images: torch.Tensor) -> float | None:
     """The largest |logit difference| between the written export, read back as a user would, and the
     PyTorch model on `images`; None when it cannot be run here (ONNX without onnxruntime)."""
-    expected = job.member.model(images)
-    if job.fmt == "safetensors":
-        import timm
+    import torch
 
-        got = timm.create_model(f"local-dir:{job.out}", pretrained=True).eval()(images)
-    elif job.fmt == "torchscript":
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "`torch.jit", FutureWarning)
-            got = torch.jit.load(str(job.model_file), map_location="cpu")(images)
-    else:
-        try:
-            import onnxruntime
-        except ModuleNotFoundError:
-            return None
-        session = onnxruntime.InferenceSession(str(job.model_file), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(["logits"], {"images": images.contiguous().numpy()})[0])
-    return (got.float() - expected.float()).abs().max().item()
+    with torch.no_grad():
+        expected = job.member.model(images)
+        if job.fmt == "safetensors":
+            import timm
+
+            got = timm.create_model(f"local-dir:{job.out}", pretrained=True).eval()(images)
+        elif job.fmt == "torchscript":
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "`torch.jit", FutureWarning)
+                got = torch.jit.load(str(job.model_file), map_location="cpu")(images)
+        else:
+            try:
+                import onnxruntime
+            except ModuleNotFoundError:
+                return None
+            session = onnxruntime.InferenceSession(str(job.model_file), providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(session.run(["logits"], {"images": images.contiguous().numpy()})[0])
+        return (got.float() - expected.float()).abs().max().item()

@@ -7,110 +7,85 @@ evaluates at the trained size and a few larger ones and keeps the best (FixRes).
 
 from __future__ import annotations
 
-import copy
-import math
+import argparse
 import sys
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import timm
-import torch
-
-from pipeline.config import DataConfig, StageSpec, parse_config
-from pipeline.data import Loader, build_loader, scan_image_folder
-from pipeline.data.demo import demo_root
-from pipeline.data.folder import ImageFolderIndex
-from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
 from pipeline.files import pyplot, write_json, write_png
-from pipeline.train.checkpoint import Checkpoint
-from pipeline.train.loop import topk_hits
-from pipeline.train.step import Precision, resolve_precision
 
-TTA_MODES = ("none", "flip", "flip+crops")
+if TYPE_CHECKING:
+    import torch
 
+    from pipeline.inference import EvalSetup
 
-@dataclass
-class Member:
-    """One checkpoint of the ensemble, its model ready for inference."""
-
-    path: Path
-    model: torch.nn.Module
-    classes: list[str]
-    config: dict[str, Any]
+HELP = "top-1/top-5, per-class accuracy and a confusion matrix of a checkpoint"
+SIZE_FACTORS_PERCENT = (115, 130, 150)  # of the trained size: what `--img-size auto` tries besides it
 
 
-def resolve_checkpoint(target: Path, use_ema: bool = False) -> Path:
-    """A run folder means its best checkpoint (else its last; with the EMA weights, its last: best.pt
-    is chosen by the raw weights' accuracy); a file is taken as it is."""
-    if target.is_dir():
-        for name in ("last.pt",) if use_ema else ("best.pt", "last.pt"):
-            if (target / "checkpoints" / name).is_file():
-                return target / "checkpoints" / name
-        raise UserError(f"{target}: no checkpoint in {target / 'checkpoints'} (not a run folder?)")
-    if not target.is_file():
-        raise UserError(f"{target}: no such run folder or checkpoint")
-    return target
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", type=Path, metavar="RUN_DIR|CKPT", help="a run folder (its best.pt) or a checkpoint")
+    parser.add_argument("--data", type=Path, default=None, help="an ImageFolder (default: the run's data.val)")
+    parser.add_argument(
+        "--img-size",
+        default=None,
+        metavar="N|auto",
+        help="input size (default: the last stage's); auto: the best of 1, 1.15, 1.3 and 1.5 times it",
+    )
+    parser.add_argument(
+        "--tta", choices=["none", "flip", "flip+crops"], default="none", help="test-time augmentation (default none)"
+    )
+    parser.add_argument(
+        "--ensemble",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="CKPT",
+        help="checkpoints or run folders to average with it",
+    )
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights (runs trained with train.ema)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the last stage's batch size")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the run's data.workers)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/eval)")
 
 
-def run_folder(checkpoint: Path) -> Path:
-    """The run folder a checkpoint belongs to (RUN_DIR for RUN_DIR/checkpoints/x.pt), else its folder."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
-def load_member(
-    path: Path, device: torch.device, use_ema: bool, memory_format: torch.memory_format = torch.channels_last
-) -> Member:
-    """A checkpoint's model, for inference (channels_last by default: as the loaders' batches)."""
-    checkpoint = Checkpoint.read(path)  # weights_only
-    if use_ema and checkpoint.state_dict_ema is None:
-        raise UserError(f"{path}: --ema asked for, but this run kept no EMA weights (train.ema was off)")
-    model = timm.create_model(checkpoint.arch, pretrained=False, num_classes=checkpoint.num_classes)
-    model.load_state_dict(checkpoint.weights(use_ema))
-    model.to(device, memory_format=memory_format).eval()
-    return Member(path, model, list(checkpoint.classes), checkpoint.config)
-
-
-def tta_views(images: torch.Tensor, mode: str, size: int) -> list[torch.Tensor]:
-    """The views of a batch that TTA averages. `flip`: the image and its mirror. `flip+crops`: the
-    batch is larger than `size` (the validation resize before its centre crop); the centre and four
-    corner crops of `size`, each with its mirror. `none`: the batch itself."""
-    if mode == "none":
-        return [images]
-    if mode == "flip":
-        return [images, images.flip(-1)]
-    h, w = images.shape[-2:]
-    top, left = int(round((h - size) / 2)), int(round((w - size) / 2))  # as torchvision's center_crop
-    corners = [(top, left), (0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
-    crops = [images[..., y : y + size, x : x + size] for y, x in corners]
-    return [v for c in crops for v in (c, c.flip(-1))]
-
-
-@torch.no_grad()
-def predict(
-    models: list[torch.nn.Module], loader, tta: str, size: int, precision: Precision, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities averaged over every model and every TTA view, and the labels (CPU)."""
-    probs, labels = [], []
-    for x, y in loader:
-        total = None
-        views = [
-            v.contiguous(memory_format=torch.channels_last) for v in tta_views(x, tta, size)
-        ]  # once, not per model
-        for model in models:
-            for v in views:
-                with precision.autocast(device):
-                    p = model(v).float().softmax(dim=1)
-                total = p if total is None else total + p
-        probs.append(total / (len(models) * len(views)))
-        labels.append(y)
-    return torch.cat(probs).cpu(), torch.cat(labels).cpu()  # one host sync, at the end
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: need at least 1")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers {args.workers}: need 0 or more")
+    result, out_dir = run_eval(
+        args.target,
+        data=args.data,
+        img_size=args.img_size,
+        tta=args.tta,
+        ensemble=args.ensemble,
+        out=args.out,
+        use_ema=args.ema,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device_name=args.device,
+    )
+    if "sizes" in result:  # --img-size auto
+        for row in result["sizes"]:
+            print(f"{row['img_size']:>4}px: top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%")
+        print(f"chosen: {result['img_size']}px (the best top-1; on a tie, the smaller size)")
+    print(format_report(result))
+    members = len(result["checkpoints"])
+    print(f"{members} checkpoint(s), {result['weights']} weights, {result['img_size']}px, TTA {result['tta']}")
+    print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'confusion_matrix.png'}")
+    return 0
 
 
 def metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
     """Top-1/top-5 (percent), per-class accuracy and the confusion matrix (rows: true class)."""
+    import torch
+
+    from pipeline.train.loop import topk_hits
+
     n, c = probs.shape
     top, hits = topk_hits(probs, labels)
     confusion = torch.zeros(c, c, dtype=torch.long)
@@ -130,6 +105,8 @@ def metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> di
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> None:
     """Row-normalised confusion matrix (each true class sums to 1), counts written in the cells."""
+    import torch
+
     plt = pyplot()
 
     counts = torch.tensor(confusion, dtype=torch.float64)
@@ -164,54 +141,12 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-AUTO = "auto"
-SIZE_FACTORS_PERCENT = (115, 130, 150)  # of the trained size: what `--img-size auto` tries besides it
-
-
-@dataclass
-class EvalSetup:
-    """What every evaluated size shares: the models, the validation images and the run's last stage."""
-
-    members: list[Member]
-    data: Path
-    index: ImageFolderIndex
-    data_cfg: DataConfig
-    batch_size: int
-    run_size: int  # the size the run validated at: the candidates of `auto` start from it
-    tta: str
-    precision: Precision
-    device: torch.device
-
-
-def check_img_size(value: int | str | None) -> int | str | None:
-    """`--img-size` as `run_eval` takes it: None (the trained size), "auto", or an integer >= 8; the
-    command line hands it over as text."""
-    if value is None or value == AUTO:
-        return value
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"--img-size {value}: expected an integer >= 8 or {AUTO}") from None
-    if size < 8:
-        raise UserError(f"--img-size {value}: need at least 8")
-    return size
-
-
 def candidate_sizes(trained: int) -> list[int]:
     """The sizes `--img-size auto` tries: the trained size as it is, and 1.15, 1.3 and 1.5 times it
     rounded half up to a multiple of 8; increasing, without duplicates."""
     # integer arithmetic: 24 * 1.5 / 8 is a tie (4.5) that must round up, not to even
     scaled = {(trained * percent + 400) // 800 * 8 for percent in SIZE_FACTORS_PERCENT}
     return sorted(scaled | {trained})
-
-
-def last_stage(config: dict[str, Any]) -> StageSpec:
-    """The last stage of the run a checkpoint's `config` describes: its size, batch, data and AMP settings."""
-    raw = copy.deepcopy(config)
-    # the training data and the weights it started from may have moved since: not needed here
-    raw["data"].update(train="demo", val="demo")
-    raw["model"]["pretrained"] = None
-    return parse_config(raw).stages[-1]
 
 
 def prepare(
@@ -224,6 +159,11 @@ def prepare(
     device: torch.device,
 ) -> EvalSetup:
     """Load the checkpoints and check that `data` (default: the run's data.val) has their classes."""
+    from pipeline.data import scan_image_folder
+    from pipeline.data.demo import demo_root
+    from pipeline.inference import EvalSetup, last_stage, load_member
+    from pipeline.train.step import resolve_precision
+
     members = [load_member(p, device, use_ema) for p in paths]
     first = members[0]
     for m in members[1:]:
@@ -249,58 +189,17 @@ def prepare(
 
 def evaluate_at(setup: EvalSetup, size: int) -> dict[str, Any]:
     """The metrics of the (averaged) models on the validation images at `size`."""
+    from pipeline.inference import probabilities_at
+
     probs, labels = probabilities_at(setup, size)
     return metrics(probs, labels, setup.members[0].classes)
-
-
-def probabilities_at(
-    setup: EvalSetup, size: int, watch: Callable[[Loader], Iterable] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (averaged) softmax of every image of `setup.index` at `size`, through the validation loader,
-    and their labels; `watch` may wrap the loader (a progress bar)."""
-    data_cfg, load_size = setup.data_cfg, size
-    if setup.tta == "flip+crops":  # corner crops come from the resized image before its centre crop
-        load_size, data_cfg = math.floor(size / data_cfg.crop_pct), replace(data_cfg, crop_pct=1.0)
-    loader = build_loader(
-        data_cfg,
-        setup.index,
-        train=False,
-        img_size=load_size,
-        batch_size=setup.batch_size,
-        device=setup.device,
-        seed=0,
-    )
-    try:
-        models = [m.model for m in setup.members]
-        batches = loader if watch is None else watch(loader)
-        return predict(models, batches, setup.tta, size, setup.precision, setup.device)
-    finally:
-        loader.close()
-
-
-def size_problem(setup: EvalSetup, size: int) -> str | None:
-    """Why a model cannot take `size` x `size` inputs (a ViT's fixed input, a window that does not
-    divide it), or None when all can."""
-    return input_problem(setup.members, size, setup.precision, setup.device)
-
-
-@torch.no_grad()
-def input_problem(members: list[Member], size: int, precision: Precision, device: torch.device) -> str | None:
-    """`size_problem` for any members, precision and device."""
-    x = torch.zeros(1, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    for m in members:
-        try:
-            with precision.autocast(device):
-                m.model(x)
-        except (AssertionError, RuntimeError) as e:  # what timm's models raise on a size they cannot take
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return f"{m.path.name} cannot take it ({why})"
-    return None
 
 
 def search_sizes(setup: EvalSetup) -> tuple[dict[str, Any], int, list[dict[str, Any]]]:
     """Evaluate at every candidate size the models can take; returns the metrics at the best (the
     highest top-1, the smaller size on a tie), that size and a row per evaluated size."""
+    from pipeline.inference import AUTO, size_problem
+
     results: dict[int, dict[str, Any]] = {}
     for size in candidate_sizes(setup.run_size):
         problem = size_problem(setup, size)
@@ -330,6 +229,9 @@ def run_eval(
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate `target` (and the `ensemble` checkpoints with it) at `img_size` (default: the last
     stage's; "auto": the best of `candidate_sizes`); returns the result and its folder."""
+    from pipeline.distributed import resolve_device
+    from pipeline.inference import AUTO, TTA_MODES, check_img_size, resolve_checkpoint, run_folder
+
     if tta not in TTA_MODES:
         raise UserError(f"--tta {tta}: expected one of {', '.join(TTA_MODES)}")
     img_size = check_img_size(img_size)

@@ -1,0 +1,67 @@
+"""What several commands share: the `--set` and `--budget` options, and the files a user asks a
+command to write (`--apply`, `plan`'s stages, `--json`, `--out`), whose failures are one line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+
+def add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any key, e.g. --set train.optimizer.lr=0.1 --set stages.1.epochs=5",
+    )
+
+
+def add_budget(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument(
+        "--budget",
+        default=None,
+        required=required,
+        metavar="DURATION",
+        help="wall time to fill, e.g. 20m, 1h30m, 900s: the stages are planned from speeds measured here",
+    )
+    parser.add_argument(
+        "--final-size", type=int, default=None, help="with --budget: the size to end at (default: the file's largest)"
+    )
+    parser.add_argument(
+        "--start-size",
+        type=int,
+        default=None,
+        help="with --budget: the size the ramp starts at (default: half the final size where that is measured to "
+        "pay, else no ramp); larger for fine detail",
+    )
+
+
+def write_applied(raw: dict, file: Path, tool: str, out: Path | None = None, comment: str | None = None) -> Path:
+    """A configuration a tool made from FILE: `out`, else FILE.<tool>.yaml beside FILE (`--apply`;
+    `plan`), `comment` as its first line. FILE itself is never rewritten."""
+    import yaml
+
+    from pipeline.files import write_text
+
+    target = out or file.with_name(f"{file.stem}.{tool}.yaml")
+    if target.resolve() == file.resolve():
+        if out is not None:
+            raise UserError(f"--out {target}: that is the stages file itself; choose another name")
+        target = file.with_name(f"{file.stem}.{tool}-2.yaml")
+    text = (f"# {comment}\n" if comment else "") + yaml.safe_dump(raw, sort_keys=False)
+    option = "--out" if tool == "plan" else "--apply"
+    write_or_fail(f"{option}: cannot write {target}", lambda: write_text(target, text))
+    return target
+
+
+def write_or_fail(what: str, write) -> None:
+    """`write()` a file the user asked for; a failure is one line: `what` (naming the option and the
+    file) and the reason."""
+    try:
+        write()
+    except OSError as e:
+        raise UserError(f"{what} ({e.strerror or e})") from None

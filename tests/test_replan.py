@@ -1,0 +1,158 @@
+"""Re-planning while a run trains (`run --budget`): the schedule stretched at the step it reached, the
+re-planner's choices against a simulated clock, and a re-planned run that ends, checkpoints and
+resumes with its new plan."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from pipeline.budget import choose_plan
+from pipeline.config import ScheduleConfig, parse_config
+from pipeline.replan import Replanner
+from pipeline.train.checkpoint import Checkpoint, Progress
+from pipeline.train.plan import plan_run
+from pipeline.train.run import RunHooks, run_training
+from pipeline.train.schedule import build_scheduler, respan_scheduler
+from tests.conftest import Killed
+from tests.test_budget import SPEEDS  # made-up speeds: a step costs by the pixels, a new size 2 s
+
+
+def _optimizer() -> torch.optim.Optimizer:
+    layer = torch.nn.Linear(2, 2)
+    groups = [{"params": [layer.weight], "lr": 0.1}, {"params": [layer.bias], "lr": 0.02}]
+    return torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+
+
+def _stepped(scheduler, optimizer, steps: int) -> None:
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+
+
+@pytest.mark.parametrize("name", ["onecycle", "cosine", "multistep"])
+def test_a_respanned_schedule_is_the_new_curve_from_the_same_step(name):
+    cfg = ScheduleConfig(name=name)
+    old_opt, new_opt = _optimizer(), _optimizer()
+    # a stage that starts at step 20 of a run-wide curve of 100 steps, 15 steps in; the run grows to 130
+    old = build_scheduler(old_opt, cfg, 100, 10, 20)
+    _stepped(old, old_opt, 15)
+    respanned = respan_scheduler(old, old_opt, cfg, (130, 13, 20))
+    fresh = build_scheduler(new_opt, cfg, 130, 13, 20)
+    _stepped(fresh, new_opt, 15)
+    for _ in range(3):  # the same LR and momentum per group now and at every step on
+        for a, b in zip(old_opt.param_groups, new_opt.param_groups):
+            assert a["lr"] == pytest.approx(b["lr"]) and a["momentum"] == pytest.approx(b["momentum"])
+        _stepped(respanned, old_opt, 30)
+        _stepped(fresh, new_opt, 30)
+
+
+def test_a_onecycle_shortened_to_where_it_is_ends_there():
+    cfg, optimizer = ScheduleConfig(name="onecycle"), _optimizer()
+    scheduler = build_scheduler(optimizer, cfg, 100, 10)
+    _stepped(scheduler, optimizer, 60)
+    respan_scheduler(scheduler, optimizer, cfg, (61, 10, 0))  # one update left: the curve's last
+    floor = 0.1 / cfg.div_factor / cfg.final_div_factor
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(floor)
+
+
+def _simulated_run(tiny_config: dict, budget_s: float, slower: float, replan: bool) -> tuple[float, list[int]]:
+    """A planned run on a clock where every epoch takes `slower` times its prediction: its wall at the
+    end (planning and start included) and its epochs per stage."""
+    raw = copy.deepcopy(tiny_config)
+    raw["stages"] = [
+        {"img_size": 32, "batch_size": 10, "epochs": 3},
+        {"img_size": 64, "batch_size": 10, "epochs": 1, "mixup": "off"},
+    ]
+    train_images, val_images, planning = 1000, 200, 4.0
+    plan = choose_plan(raw, SPEEDS, budget_s - planning, 64, train_images, val_images, 32)
+    now = [0.0]
+    replanner = Replanner(SPEEDS, budget_s, 0.0, val_images, clock=lambda: now[0])
+    raw, cfg = plan.raw, parse_config(plan.raw)
+    now[0] = planning + slower * SPEEDS.start_s
+    run_plan, i, previous = plan_run(cfg.stages, train_images), 0, None
+    while i < len(run_plan.epochs):
+        epoch = run_plan.epochs[i]
+        replanner.epoch_start(epoch.stage, epoch.epoch)
+        now[0] += slower * SPEEDS.epoch_seconds(epoch, previous, val_images)
+        previous, i = epoch, i + 1
+        progress = Progress(stage=epoch.stage, epoch=epoch.epoch + 1)
+        new = replanner(run_plan, raw, progress) if replan else None
+        if new is not None:
+            done = run_plan.epochs[:i]
+            raw, run_plan = new, plan_run(parse_config(new).stages, train_images)
+            assert run_plan.epochs[:i] == done  # only epochs not yet begun change
+    return now[0], [len(run_plan.of_stage(k)) for k in range(2)]
+
+
+@pytest.mark.parametrize("slower", [1.16, 1 / 1.16])
+@pytest.mark.parametrize("budget_s", [120.0, 240.0, 600.0])
+def test_a_run_whose_first_measurements_were_off_by_16_percent_lands_within_5_percent(tiny_config, budget_s, slower):
+    unplanned, planned_epochs = _simulated_run(tiny_config, budget_s, slower, replan=False)
+    wall, epochs = _simulated_run(tiny_config, budget_s, slower, replan=True)
+    assert abs(unplanned / budget_s - 1) > 0.07  # off by the speed error without re-planning
+    assert abs(wall / budget_s - 1) <= 0.05, (wall, epochs)
+    assert epochs[0] == planned_epochs[0] and epochs[1] != planned_epochs[1]  # only the final size's epochs move
+    assert epochs[1] >= 1
+
+
+def test_no_re_plan_within_the_slack_nor_after_the_last_epoch(tiny_config):
+    wall, epochs = _simulated_run(tiny_config, 240.0, 1.0, replan=True)  # measured right: the plan stands
+    assert wall <= 240.0
+    unplanned, planned = _simulated_run(tiny_config, 240.0, 1.0, replan=False)
+    assert (wall, epochs) == (unplanned, planned)
+    replanner = Replanner(SPEEDS, 240.0, 0.0, 200, clock=lambda: 500.0)
+    replanner.epoch_start(0, 0)
+    raw = copy.deepcopy(tiny_config)
+    plan = plan_run(parse_config(raw).stages, 40)
+    assert replanner(plan, raw, Progress(stage=1, epoch=1)) is None  # the run is over: nothing to add to
+
+
+def _replan_after_first_epoch(raw_before: dict, progress: Progress) -> dict | None:
+    """A scripted re-plan: after stage 0's first epoch, two epochs in the last stage (was one)."""
+    if (progress.stage, progress.epoch) != (0, 1):
+        return None
+    raw = copy.deepcopy(raw_before)
+    raw["stages"][-1]["epochs"] = 2
+    return raw
+
+
+@pytest.mark.slow
+def test_a_re_planned_run_trains_its_new_plan_and_resumes_it_after_a_crash(tiny_config, tmp_path, capsys):
+    tiny_config["train"]["schedule"] = {"scope": "run"}  # a re-plan in stage 0 moves stage 0's curve too
+    tiny_config["train"]["size_jumps"] = "off"
+    cfg = parse_config(tiny_config)
+    hooks = RunHooks(replan=lambda plan, raw, progress: _replan_after_first_epoch(raw, progress))
+    whole = run_training(cfg, out_dir=tmp_path / "whole", hooks=hooks)
+    assert "epochs per stage [2, 1] -> [2, 2]" in capsys.readouterr().out
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in records if r["kind"] == "epoch"] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert yaml.safe_load((whole / "config.yaml").read_text())["stages"][-1]["epochs"] == 2
+    assert [e["stage"] for e in json.loads((whole / "plan.json").read_text())] == [0, 0, 1, 1]
+    last = Checkpoint.read(whole / "checkpoints" / "last.pt")
+    assert last.run_progress.replans == [{"stage": 0, "epoch": 1, "epochs": [2, 2]}]
+    floor = cfg.train.optimizer.lr / cfg.train.schedule.div_factor / cfg.train.schedule.final_div_factor
+    last_lr = [r["lr"] for r in records if r["kind"] == "step"][-1]
+    assert last_lr == pytest.approx(floor, rel=1e-3)  # the last update is the stretched curve's last step
+
+    # the same run killed right after the re-planned epoch's checkpoint, before config.yaml was rewritten
+    saves = []
+
+    def die(paths):
+        saves.append(paths)
+        if len(saves) == 1:  # epoch 0's checkpoint: the first with the new plan
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_training(cfg, out_dir=tmp_path / "killed", hooks=RunHooks(after_save=die, replan=hooks.replan))
+    (killed,) = (tmp_path / "killed").iterdir()
+    assert yaml.safe_load((killed / "config.yaml").read_text())["stages"][-1]["epochs"] == 1  # not yet rewritten
+    resumed = run_training(parse_config(yaml.safe_load((killed / "config.yaml").read_text())), resume=killed)
+    a = Checkpoint.read(whole / "checkpoints" / "last.pt").state_dict
+    b = Checkpoint.read(resumed / "checkpoints" / "last.pt").state_dict
+    assert all(torch.equal(a[key], b[key]) for key in a)  # bit-exact: the resume trained the re-planned run
+    assert yaml.safe_load((resumed / "config.yaml").read_text())["stages"][-1]["epochs"] == 2
