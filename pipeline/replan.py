@@ -56,8 +56,8 @@ class Replanner:
         rest = self.predicted(per_epoch[1:2], per_epoch[0]) if len(per_epoch) > 1 else first_last
         fixed = now - self.begin + factor * self.predicted(before_last, done[-1])
 
-        def end(n: int) -> float:  # the predicted wall at the end, with `n` epochs in the last stage
-            return fixed + factor * (first_last + (n - begun - 1) * rest) if n > begun else fixed
+        def end(n: int) -> float:  # the predicted wall at the end, with `n` (> `begun`) epochs in the last stage
+            return fixed + factor * (first_last + (n - begun - 1) * rest)
 
         current = raw["stages"][-1]["epochs"]
         if abs(end(current) - self.budget_s) <= self.SLACK * self.budget_s:
