@@ -220,7 +220,7 @@ def plan_budget(
     from pipeline.train.preflight import prepare
 
     cfg = parse_config(raw)
-    final = final_size or max(stage.largest_size for stage in cfg.stages)
+    final = final_size if final_size is not None else max(stage.largest_size for stage in cfg.stages)
     if final < 2 * RAMP_MULTIPLE:
         raise ConfigError(f"--final-size {final}: must be at least {2 * RAMP_MULTIPLE} px")
     if start is not None and not RAMP_MULTIPLE <= start <= final:

@@ -13,6 +13,7 @@ import sys
 from pipeline.commands import bench_loader, check_data, compare, export, lr_find, plan, predict, run
 from pipeline.commands import eval as evaluate
 from pipeline.errors import DataError, UserError
+from pipeline.options import Parser
 
 # name: (module, what runs it), in the order --help lists them
 COMMANDS = {
@@ -29,7 +30,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, _) in COMMANDS.items():
         module.add_arguments(sub.add_parser(name, help=module.HELP))

@@ -1,12 +1,60 @@
-"""What several commands share: the `--set` and `--budget` options, and the files a user asks a
-command to write (`--apply`, `plan`'s stages, `--json`, `--out`), whose failures are one line."""
+"""What several commands share: the parser whose errors are one line, the types of numeric options
+(zero or a negative value is refused when it is parsed), the `--set` and `--budget` options, and the
+files a user asks a command to write (`--apply`, `plan`'s stages, `--json`, `--out`), whose failures
+are one line."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from pathlib import Path
 
 from pipeline.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad option as one line (`error: argument --steps: must be 1 or more, got 0`,
+    and where to read more) and exit status 2, as every other user error."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def whole(least: int = 1):
+    """The type of an integer option that must be at least `least` (1: a count or a size)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {least} or more, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {least} or more, got {value}")
+        return value
+
+    parse.__name__ = f"whole>={least}"  # what argparse and the option-walking test see
+    return parse
+
+
+def positive(text: str) -> float:
+    """The type of a float option that must be above zero (a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def percent(text: str) -> float:
+    """The type of a top-1 option, in percent: above 0 and at most 100."""
+    value = positive(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"a top-1 in percent: at most 100, got {text}")
+    return value
 
 
 def add_set(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +77,14 @@ def add_budget(parser: argparse.ArgumentParser, required: bool = False) -> None:
         help="wall time to fill, e.g. 20m, 1h30m, 900s: the stages are planned from speeds measured here",
     )
     parser.add_argument(
-        "--final-size", type=int, default=None, help="with --budget: the size to end at (default: the file's largest)"
+        "--final-size",
+        type=whole(),
+        default=None,
+        help="with --budget: the size to end at (default: the file's largest)",
     )
     parser.add_argument(
         "--start-size",
-        type=int,
+        type=whole(),
         default=None,
         help="with --budget: the size the ramp starts at (default: half the final size where that is measured to "
         "pay, else no ramp); larger for fine detail",

@@ -135,6 +135,21 @@ def test_sigkill_at_random_points_then_resume_matches(every_step_config, tmp_pat
         assert_same_run(reference, run_dir)
 
 
+def test_a_resume_at_once_after_sigkill_is_not_refused(every_step_config, tmp_path, capsys):
+    """Forked loader workers outlive a SIGKILLed trainer by seconds; they must not hold its lock."""
+    every_step_config["data"]["workers"] = 2
+    every_step_config["run"]["log_every"] = 1
+    cfg_path = write_config(every_step_config, tmp_path / "tiny.yaml")
+    proc = start_run([str(cfg_path), "--out", str(tmp_path / "runs")], tmp_path)
+    run_dir = wait_for_steps(proc, tmp_path / "runs", 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)  # not communicate(): the workers hold its pipes until they notice
+    assert main(["run", "--resume", str(run_dir)]) == 0  # in this process: the lock is tried at once
+    proc.communicate(timeout=60)
+    assert "another process" not in capsys.readouterr().err
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["stage"] == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_ctrl_c_checkpoint_and_say_how_to_resume(every_step_config, tmp_path, sig, code):
@@ -275,25 +290,41 @@ def test_a_process_exits_even_with_a_loader_left_open(tiny_data, tmp_path):
     assert proc.returncode == 0 and "leaving" in proc.stdout, proc.stderr[-2000:]
 
 
-def test_a_second_process_on_a_running_runs_folder_stops_before_touching_it(tiny_config, capsys, tmp_path):
-    import fcntl
+HOLDER = """
+import fcntl, os, sys
+f = open(sys.argv[1], "a+")
+fcntl.lockf(f, fcntl.LOCK_EX)
+f.truncate(0)
+f.write((sys.argv[2] if len(sys.argv) > 2 else str(os.getpid())) + "\\n")
+f.flush()
+print("held", flush=True)
+sys.stdin.read()
+"""
 
+
+@pytest.mark.parametrize("written", [None, "999999999"], ids=["its-pid", "a-dead-pid"])
+def test_a_second_process_on_a_running_runs_folder_stops_before_touching_it(tiny_config, capsys, tmp_path, written):
     run_dir = run_training(parse_config(tiny_config), out_dir=tmp_path)
     assert (run_dir / ".lock").read_text().strip() == str(os.getpid())  # the run held it
     metrics = (run_dir / "metrics.jsonl").read_bytes()
     capsys.readouterr()
-    with open(run_dir / ".lock", "a+") as held:  # another process's hold (flock: per open file)
-        fcntl.flock(held, fcntl.LOCK_EX)
-        held.truncate(0)
-        held.write("4242\n")
-        held.flush()
+    holder = subprocess.Popen(  # another process holds the lock (a POSIX lock is per process)
+        [sys.executable, "-c", HOLDER, str(run_dir / ".lock"), *([written] if written else [])],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
         assert main(["run", "--resume", str(run_dir)]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err == [
-            f"error: {run_dir}: another process (pid 4242) is training in this run folder; "
+        who = f"pid {holder.pid}" if written is None else "a process that has not written its pid"
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: {run_dir}: another process ({who}) is training in this run folder; "
             "wait for it to end or stop it, then resume"
         ]
         assert (run_dir / "metrics.jsonl").read_bytes() == metrics  # nothing cut back or written
+    finally:
+        holder.communicate("", timeout=30)
     assert main(["run", "--resume", str(run_dir)]) == 0  # the holder is gone: the lock with it
     assert "another process" not in capsys.readouterr().err
 

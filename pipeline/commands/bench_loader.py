@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.config import Config, StageSpec
 from pipeline.errors import ConfigError, UserError
-from pipeline.options import add_set, write_applied, write_or_fail
+from pipeline.options import add_set, whole, write_applied, write_or_fail
 
 HELP = "every stage's loaders against what its model step consumes"
 SYNTHETIC = (3000, 300, 160)  # train images, val images, side: like a small real dataset
@@ -28,9 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backends", default="tv2,cache,dali,classic", help="tv2, cache (tv2 + data.cache: decoded), dali, classic"
     )
     parser.add_argument("--workers", default="0,1,2", help="worker counts to try (DALI: threads, at least 1)")
-    parser.add_argument("--batches", type=int, default=40, help="timed batches per setting, after 5 warm-up batches")
     parser.add_argument(
-        "--repeats", type=int, default=1, help="measure every setting this many times, in turn; report medians"
+        "--batches", type=whole(), default=40, help="timed batches per setting, after 5 warm-up batches"
+    )
+    parser.add_argument(
+        "--repeats", type=whole(), default=1, help="measure every setting this many times, in turn; report medians"
     )
     parser.add_argument(
         "--sizes", default=None, help="image sizes to measure instead of the file's stages (batch of its last stage)"

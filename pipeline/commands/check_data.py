@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError, UserError
-from pipeline.options import write_or_fail
+from pipeline.options import whole, write_or_fail
 
 HELP = "class counts, image modes, sizes, bad files, train/val duplicates"
 
@@ -39,7 +39,7 @@ ODD_MODES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", type=Path, help="an ImageFolder, or a folder with train/ and val/ ImageFolders")
     parser.add_argument("--json", type=Path, default=None, help="also write the report to this file")
-    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: every core)")
+    parser.add_argument("--workers", type=whole(), default=None, help="decoding processes (default: every core)")
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.files import pyplot, write_json, write_png
+from pipeline.options import percent
 from pipeline.report import read_metrics
 
 HELP = "runs side by side: a table and overlaid validation curves"
@@ -23,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="two or more run folders")
     parser.add_argument("--out", type=Path, default=Path("compare"), help="output folder (default ./compare)")
     parser.add_argument(
-        "--target", type=float, default=None, help="top-1 (%%) for 'time to target' (default: the lowest final top-1)"
+        "--target", type=percent, default=None, help="top-1 (%%) for 'time to target' (default: the lowest final top-1)"
     )
 
 

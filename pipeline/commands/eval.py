@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
 from pipeline.files import pyplot, write_json, write_png
+from pipeline.options import whole
 
 if TYPE_CHECKING:
     import torch
@@ -46,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoints or run folders to average with it",
     )
     parser.add_argument("--ema", action="store_true", help="use the EMA weights (runs trained with train.ema)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the last stage's batch size")
-    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the run's data.workers)")
+    parser.add_argument("--batch-size", type=whole(), default=None, help="default: the last stage's batch size")
+    parser.add_argument(
+        "--workers", type=whole(0), default=None, help="loader workers (default: the run's data.workers)"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/eval)")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
-from pipeline.options import add_set, write_applied
+from pipeline.options import add_set, positive, whole, write_applied
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -21,10 +21,12 @@ HELP = "LR range test on one stage's exact training setup"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="the stages file")
-    parser.add_argument("--stage", type=int, default=0, help="which stage's size, batch, AMP and Mixup (default 0)")
-    parser.add_argument("--start", type=float, default=1e-7, help="first LR (default 1e-7)")
-    parser.add_argument("--end", type=float, default=10.0, help="last LR (default 10)")
-    parser.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    parser.add_argument(
+        "--stage", type=whole(0), default=0, help="which stage's size, batch, AMP and Mixup (default 0)"
+    )
+    parser.add_argument("--start", type=positive, default=1e-7, help="first LR (default 1e-7)")
+    parser.add_argument("--end", type=positive, default=10.0, help="last LR (default 10)")
+    parser.add_argument("--steps", type=whole(), default=100, help="training steps (default 100)")
     parser.add_argument("--mode", choices=["exp", "linear"], default="exp", help="how the LR rises (default exp)")
     parser.add_argument("--out", type=Path, default=None, help="folder the output folder is made in")
     parser.add_argument("--apply", action="store_true", help="write FILE.lr-find.yaml with the stage's lr set")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.errors import DataError, UserError
 from pipeline.files import write_text
-from pipeline.options import write_or_fail
+from pipeline.options import whole, write_or_fail
 
 if TYPE_CHECKING:
     import torch
@@ -32,14 +32,16 @@ OUTPUT_FORMATS = (".csv", ".jsonl")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", type=Path, metavar="RUN_DIR|CKPT", help="a run folder (its best.pt) or a checkpoint")
     parser.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files and folders (recursive)")
-    parser.add_argument("--topk", type=int, default=5, help="classes per image (default 5; at most the classes)")
+    parser.add_argument("--topk", type=whole(), default=5, help="classes per image (default 5; at most the classes)")
     parser.add_argument(
         "--tta", default="none", metavar="none|flip|flip+crops", help="test-time augmentation, as eval's (default none)"
     )
     parser.add_argument("--img-size", default=None, metavar="N", help="input size (default: as the run validated)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the last stage's batch size")
+    parser.add_argument("--batch-size", type=whole(), default=None, help="default: the last stage's batch size")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights (runs trained with train.ema)")
-    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the run's data.workers)")
+    parser.add_argument(
+        "--workers", type=whole(0), default=None, help="loader workers (default: the run's data.workers)"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
         "--out",

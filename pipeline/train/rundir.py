@@ -6,6 +6,7 @@ Only rank 0 makes one; the others learn its path from rank 0.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -43,24 +44,54 @@ def newest_run(out_dir: Path, name: str) -> Path | None:
 
 @contextlib.contextmanager
 def hold_run_dir(run_dir: Path, hold: bool = True) -> Iterator[None]:
-    """An advisory lock on `run_dir` (its `.lock` file holds the pid) for as long as the run lasts; the
-    system drops it when the process dies. A second process on the same folder (a `--resume` while the
-    run still runs) stops with one line naming the holder, before it touches anything. `hold` False
-    (the other ranks of a torchrun job): nothing."""
+    """A lock on `run_dir` (its `.lock` file holds the pid) for as long as the run lasts. A second process
+    on the same folder (a `--resume` while the run still runs) stops with one line naming the holder,
+    before it touches anything. The lock is a POSIX record lock (`lockf`): it belongs to this process
+    alone, so forked loader workers, which outlive a killed trainer by seconds, never hold it, and the
+    system drops it the moment the trainer dies. `hold` False (the other ranks of a torchrun job):
+    nothing."""
     if not hold:
         yield
         return
     with open(run_dir / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise UserError(
-                f"{run_dir}: another process (pid {holder}) is training in this run folder; "
-                "wait for it to end or stop it, then resume"
-            ) from None
+        _lock(f, run_dir)
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
         yield
+
+
+def _lock(f, run_dir: Path, wait_s: float = 2.0) -> None:
+    """Take the lock, or stop with one line naming the live process that has it. A pid in the file that
+    is not running (the holder has not written its own yet) is waited on for up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+        f.seek(0)
+        holder = f.read().strip()
+        alive = _running(holder)
+        if alive or time.monotonic() >= deadline:
+            who = f"pid {holder}" if alive else "a process that has not written its pid"
+            raise UserError(
+                f"{run_dir}: another process ({who}) is training in this run folder; "
+                "wait for it to end or stop it, then resume"
+            ) from None
+        time.sleep(0.05)
+
+
+def _running(pid: str) -> bool:
+    """Whether `pid` (the text of the lock file) names a process that exists."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
