@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Config, parse_config
+from pipeline.config import STAGE_SIZE_KEYS, Config, parse_config
 from pipeline.errors import ConfigError
 from pipeline.speeds import Speeds, measure_speeds, measurement_config, per_image
 from pipeline.train.plan import RAMP_MULTIPLE, format_duration, plan_run
@@ -107,7 +107,7 @@ def candidate_sizes(final: int, start: int | None = None) -> list[int]:
 
 def _stage_keys(stage: dict) -> dict:
     """A stage's overrides (lr, mixup, data, ...): everything but its sizes and length."""
-    return {k: copy.deepcopy(v) for k, v in stage.items() if k not in ("img_size", "batch_size", "epochs", "val_size")}
+    return {k: copy.deepcopy(v) for k, v in stage.items() if k not in (*STAGE_SIZE_KEYS, "val_size")}
 
 
 def policy_stages(raw: dict, epochs: int, final: int, start: int | None = None) -> list[dict]:
@@ -241,13 +241,12 @@ def plan_budget(
 
 def _check_sizes(model: torch.nn.Module, sizes: list[int], device: torch.device) -> None:
     """A forward at every size the plan may use: a model with a fixed input size fails here, in one line."""
-    model.eval()
-    with torch.no_grad():
-        for size in sizes:
-            try:
-                model.to(device)(torch.zeros(1, 3, size, size, device=device))
-            except Exception as e:
-                raise ConfigError(
-                    f"--final-size {max(sizes)}: the model cannot take {size} px input, a size the plan would use "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:160]})"
-                ) from None
+    from pipeline.model import input_problem
+
+    for size in sizes:
+        problem = input_problem(model.to(device), size, device)
+        if problem:
+            raise ConfigError(
+                f"--final-size {max(sizes)}: the model cannot take {size} px input, "
+                f"a size the plan would use ({problem})"
+            )

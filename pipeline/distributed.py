@@ -1,6 +1,6 @@
 """Many processes under `torchrun`: one per device, DistributedDataParallel, rank 0 writes.
 
-Outside torchrun every helper is a no-op for a world of one, so the runner never branches on it.
+Outside torchrun every helper is a no-op for a world of one, so the trainer never branches on it.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from pipeline.config import DataConfig, StageSpec, parse_config
 from pipeline.data import Loader, build_loader
 from pipeline.data.folder import IMG_EXTENSIONS, ImageFolderIndex, is_image_file
 from pipeline.errors import UserError
+from pipeline.model import input_problem as model_input_problem
 from pipeline.train.checkpoint import Checkpoint
 from pipeline.train.step import Precision
 
@@ -177,14 +178,10 @@ def size_problem(setup: EvalSetup, size: int) -> str | None:
 @torch.no_grad()
 def input_problem(members: list[Member], size: int, precision: Precision, device: torch.device) -> str | None:
     """`size_problem` for any members, precision and device."""
-    x = torch.zeros(1, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     for m in members:
-        try:
-            with precision.autocast(device):
-                m.model(x)
-        except (AssertionError, RuntimeError) as e:  # what timm's models raise on a size they cannot take
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return f"{m.path.name} cannot take it ({why})"
+        problem = model_input_problem(m.model, size, device, precision.autocast(device))
+        if problem:
+            return f"{m.path.name} cannot take it ({problem})"
     return None
 
 

@@ -2,7 +2,8 @@
 
 For each stage (size, batch), backend and worker count: steady-state images/s, time to the first
 batch and CPU use (GPU memory on CUDA); per stage, the train step's images/s on batches already in
-memory. `bench-loader` reports them; `endless` is how the planner's measuring passes over a loader.
+memory. `bench-loader` reports them. `endless` and `timed` are how every measurement here and in the
+planner (`pipeline.speeds`) passes over batches: warm up, synchronize, time.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import count
+from itertools import count, cycle
 from pathlib import Path
 
 import torch
@@ -36,6 +37,46 @@ class LoaderSpeed:
     cpu_percent: float = 0.0  # CPU time of this process and its workers over wall time, x100
 
 
+@dataclass(frozen=True)
+class Timing:
+    first_s: float  # from the first `next` to the first batch, `run` on it included
+    seconds: float  # of the timed batches (with none timed: the first batch's)
+    batches: int
+    images: int
+    cpu_s: float = 0.0  # CPU seconds of this process and its workers over the timed batches
+
+    @property
+    def per_batch_s(self) -> float:
+        return self.seconds / self.batches
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+
+def timed(batches: Iterator, run, timed_batches: int, warmup: int, device: torch.device | None = None) -> Timing:
+    """`run(batch)` on the first batch (timed on its own), on `warmup` more, then on `timed_batches` more,
+    timed together between two synchronizations of `device` (default: the first batch's)."""
+    t0 = time.perf_counter()
+    batch = next(batches)
+    run(batch)
+    device = device or batch[0].device
+    synchronize(device)
+    first_s = time.perf_counter() - t0
+    if not timed_batches:
+        return Timing(first_s, first_s, 1, batch[0].shape[0])
+    for _ in range(warmup):
+        run(next(batches))
+    synchronize(device)
+    cpu0, t0, images = cpu_seconds(), time.perf_counter(), 0
+    for _ in range(timed_batches):
+        batch = next(batches)
+        run(batch)
+        images += batch[0].shape[0]
+    synchronize(device)
+    return Timing(first_s, time.perf_counter() - t0, timed_batches, images, cpu_seconds() - cpu0)
+
+
 def endless(loader: Loader, first_epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The loader's batches epoch after epoch (from `first_epoch`), as a run consumes them."""
     for epoch in count(first_epoch):
@@ -45,21 +86,8 @@ def endless(loader: Loader, first_epoch: int = 0) -> Iterator[tuple[torch.Tensor
 
 def measure_loader(loader: Loader, batches: int, warmup: int = 5) -> LoaderSpeed:
     """Time `batches` batches after `warmup` batches; the loader is left open."""
-    stream = endless(loader)
-    start = time.perf_counter()
-    x, _ = next(stream)
-    first = time.perf_counter() - start
-    device = x.device
-    for _ in range(warmup - 1):
-        next(stream)
-    synchronize(device)
-    cpu0, start, images = cpu_seconds(), time.perf_counter(), 0
-    for _ in range(batches):
-        x, _ = next(stream)
-        images += x.shape[0]
-    synchronize(device)
-    wall = time.perf_counter() - start
-    return LoaderSpeed(images / wall, first, 100 * (cpu_seconds() - cpu0) / wall)
+    t = timed(endless(loader), lambda batch: None, batches, warmup - 1)
+    return LoaderSpeed(t.images_per_s, t.first_s, 100 * t.cpu_s / t.seconds)
 
 
 def gpu_free_mb(device: torch.device) -> float | None:
@@ -159,13 +187,11 @@ def make_loader(
 def measure_step(cfg: Config, k: int, device: torch.device, num_classes: int, batches: int) -> float:
     """Images/s of stage `k`'s train step (its model, freezing, AMP, compile, Mixup, EMA), built as a
     run builds it, on batches already in memory."""
-    from pipeline.model import build_model, param_groups
     from pipeline.train.stage import RunContext, build_stage
 
     stage = cfg.stages[k]
     torch.manual_seed(cfg.run.seed)
-    model = build_model(dataclasses.replace(cfg.model, pretrained=None), num_classes).to(device)
-    ctx = RunContext(cfg, device, model, param_groups(model), num_classes)
+    ctx = RunContext.fresh(cfg, device, num_classes, pretrained=False)
     # `lr: find`: time a usable LR, not the range test's placeholder 1.0 (which may diverge)
     with build_stage(ctx, k, choose_lr=lambda parts: 0.01) as parts:
         train_step = parts.train_step
@@ -176,14 +202,8 @@ def measure_step(cfg: Config, k: int, device: torch.device, num_classes: int, ba
         x = torch.randn(bs, 3, stage.img_size, stage.img_size, generator=g).to(device)
         x = x.contiguous(memory_format=torch.channels_last) if stage.train.channels_last else x
         data.append((x, torch.randint(0, num_classes, (bs,), generator=g).to(device)))
-    for x, y in data[:2]:  # warm-up (and compilation, when on)
-        train_step(x, y)
-    synchronize(device)
-    start = time.perf_counter()
-    for i in range(batches):
-        train_step(*data[i % len(data)])
-    synchronize(device)
-    return bs * batches / (time.perf_counter() - start)
+    # two batches of warm-up (and compilation, when on), then `batches` timed
+    return timed(cycle(data), lambda batch: train_step(*batch), batches, 1, device).images_per_s
 
 
 def run_bench(

@@ -34,6 +34,27 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     return model
 
 
+def input_problem(model: torch.nn.Module, size: int, device: torch.device, autocast=None) -> str | None:
+    """Why `model` cannot take a `size` px input (`ExceptionType: its first line`), from one forward of a
+    zero image in eval mode under `autocast` (a context manager, e.g. the run's precision), or None.
+    What plan, run, eval, predict and export ask before they use a size: a fixed-size model (a ViT at
+    224) fails here in one line, not at hour 2."""
+    import contextlib
+
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad(), autocast or contextlib.nullcontext():
+            model(x)
+    except Exception as e:  # noqa: BLE001 - timm's models raise AssertionError or RuntimeError, others others
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    finally:
+        model.train(was_training)
+    return None
+
+
 def load_pretrained(model: torch.nn.Module, path: str) -> None:
     """Load weights with weights_only=True; tensors whose shape differs (a new head) stay new."""
     try:

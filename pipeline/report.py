@@ -16,7 +16,7 @@ from pipeline.files import write_text
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object a line (`kind`: step | epoch), appended and flushed; with a
+    """`metrics.jsonl`: one JSON object a line (`kind`: batch | epoch), appended and flushed; with a
     `TensorBoardLog`, the same records as TensorBoard scalars too."""
 
     def __init__(self, path: Path | None, tensorboard: TensorBoardLog | None = None):
@@ -58,8 +58,8 @@ def _before(line: str, stage: int, epoch: int, batch: int) -> bool:
     except json.JSONDecodeError:  # a line torn by the crash being resumed from
         return False
     where = (record["stage"], record["epoch"])
-    if record.get("kind") == "step" and where == (stage, epoch):
-        return record["step"] < batch  # a step record's `step` is its batch index in the epoch
+    if record.get("kind") in BATCH_KINDS and where == (stage, epoch):
+        return batch_index(record) < batch
     if record.get("kind") == "lr_find":  # not run again on resume
         return record["stage"] <= stage
     return where < (stage, epoch)
@@ -84,8 +84,8 @@ class TensorBoardLog:
 
     def write(self, record: dict[str, Any]) -> None:
         kind = record.get("kind")
-        if kind == "step":
-            at = self.position(record["stage"], record["epoch"], record["step"])
+        if kind == "batch":
+            at = self.position(record["stage"], record["epoch"], record["batch"])
             for key in self.STEP:
                 if record.get(key) is not None:
                     self.writer.add_scalar(f"train/{key}", record[key], at)
@@ -122,19 +122,31 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (a torn last line, from a crash, is left out)."""
+    """The records of a metrics.jsonl (a torn last line, from a crash, is left out), with the batch
+    records of files written before they were named `batch` (`kind: step`, `step`) read as today's."""
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if record.get("kind") == "step":
+            record["kind"], record["batch"] = "batch", record.pop("step")
+        records.append(record)
     return records
 
 
+BATCH_KINDS = ("batch", "step")  # `step`: the name of a batch record before it was `batch`
+
+
+def batch_index(record: dict[str, Any]) -> int:
+    """A batch record's index in its epoch, in either layout."""
+    return record["batch"] if "batch" in record else record["step"]
+
+
 def run_curves(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-step and per-epoch series on one x axis: optimizer-step records numbered in run order."""
-    steps = [r for r in records if r.get("kind") == "step"]
+    """Per-batch and per-epoch series on one x axis: the batch records numbered in run order."""
+    steps = [r for r in records if r.get("kind") == "batch"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
     last = {(r["stage"], r["epoch"]): i for i, r in enumerate(steps)}  # steps are in run order: the last wins
     ends = []  # the step index each epoch ended at

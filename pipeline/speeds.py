@@ -77,7 +77,6 @@ def measure_speeds(cfg: Config, sizes: list[int], batches: int = 12, warmup: int
     batches; what a new pass over the loaders costs (every epoch) and what a new size costs (new
     loaders, a compile on GPU); a checkpoint write and the plots (every epoch); and the start (data
     scan, model, loaders)."""
-    from pipeline.model import build_model, param_groups
     from pipeline.train.checkpoint import save_checkpoint
     from pipeline.train.preflight import prepare
     from pipeline.train.stage import RunContext, build_stage
@@ -85,8 +84,8 @@ def measure_speeds(cfg: Config, sizes: list[int], batches: int = 12, warmup: int
 
     begin = time.perf_counter()
     device, datasets, num_classes = prepare(cfg)
-    model = build_model(cfg.model, num_classes).to(device)
-    ctx = RunContext(cfg, device, model, param_groups(model), num_classes, datasets)
+    ctx = RunContext.fresh(cfg, device, num_classes, datasets)
+    model = ctx.model
     train, val, new_size, new_pass = {}, {}, [], []
     with build_stage(ctx, 0, choose_lr=lambda parts: 0.01) as parts:  # a usable LR; no schedule
         start_s = time.perf_counter() - begin
@@ -100,16 +99,15 @@ def measure_speeds(cfg: Config, sizes: list[int], batches: int = 12, warmup: int
             t0 = time.perf_counter()
             parts.fit_sizes(ctx, size, size)
             rebuild = time.perf_counter() - t0
-            first, per_batch, images = _timed(parts.train_loader, parts.train_step, device, batches, warmup)
-            again, _, _ = _timed(parts.train_loader, parts.train_step, device, 0, 0, epoch=1)
-            train[size] = images / per_batch
+            t = _timed(parts.train_loader, parts.train_step, device, batches, warmup)
+            again = _timed(parts.train_loader, parts.train_step, device, 0, 0, epoch=1).first_s
             with keep_modes(parts.net):
                 parts.net.eval()
-                val_first, val_per_batch, val_images = _timed(parts.val_loader, infer, device, batches, 1)
-                val_again, _, _ = _timed(parts.val_loader, infer, device, 0, 0, epoch=1)
-            val[size] = val_images / val_per_batch
-            new_pass.append(max(0.0, again - per_batch) + max(0.0, val_again - val_per_batch))
-            new_size.append(rebuild + max(0.0, first - again) + max(0.0, val_first - val_again))
+                v = _timed(parts.val_loader, infer, device, batches, 1)
+                val_again = _timed(parts.val_loader, infer, device, 0, 0, epoch=1).first_s
+            train[size], val[size] = t.images_per_s, v.images_per_s
+            new_pass.append(max(0.0, again - t.per_batch_s) + max(0.0, val_again - v.per_batch_s))
+            new_size.append(rebuild + max(0.0, t.first_s - again) + max(0.0, v.first_s - val_again))
             log(f"  {size:>4} px: train {train[size]:7.1f} img/s, validation {val[size]:7.1f} img/s")
         state = {"model": model.state_dict(), "optimizer": parts.optimizer.state_dict()}
         with tempfile.TemporaryDirectory(dir=cfg.run.out_dir if Path(cfg.run.out_dir).is_dir() else None) as tmp:
@@ -120,29 +118,11 @@ def measure_speeds(cfg: Config, sizes: list[int], batches: int = 12, warmup: int
     return Speeds(train, val, mean(new_size), epoch_s + mean(new_pass), start_s)
 
 
-def _timed(loader, run, device: torch.device, batches: int, warmup: int, epoch: int = 0) -> tuple[float, float, int]:
-    """A new pass over `loader`, each batch given to `run(x, y)`: (seconds to the first batch, run
-    included; then seconds per batch over `batches` batches after `warmup` more; images per batch)."""
-    from pipeline.loader_bench import endless
-    from pipeline.train.step import synchronize
+def _timed(loader, run, device: torch.device, batches: int, warmup: int, epoch: int = 0):
+    """A new pass over `loader` from `epoch`, each batch given to `run(x, y)` (`loader_bench.timed`)."""
+    from pipeline.loader_bench import endless, timed
 
-    stream = endless(loader, epoch)
-    t0 = time.perf_counter()
-    x, y = next(stream)
-    run(x, y)
-    synchronize(device)
-    first = time.perf_counter() - t0
-    if not batches:
-        return first, first, x.shape[0]
-    for _ in range(warmup):
-        run(*next(stream))
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        x, y = next(stream)
-        run(x, y)
-    synchronize(device)
-    return first, (time.perf_counter() - t0) / batches, x.shape[0]
+    return timed(endless(loader, epoch), lambda batch: run(*batch), batches, warmup, device)
 
 
 def plot_seconds(run_dir: Path, sizes: list[int], epochs: int = 8, records_per_epoch: int = 20) -> float:
@@ -156,10 +136,10 @@ def plot_seconds(run_dir: Path, sizes: list[int], epochs: int = 8, records_per_e
         for step in range(records_per_epoch):
             lines.append(
                 {
-                    "kind": "step",
+                    "kind": "batch",
                     "stage": 0,
                     "epoch": epoch,
-                    "step": step,
+                    "batch": step,
                     "lr": 0.1,
                     "momentum": 0.9,
                     "loss": 2.0 - step / 100,

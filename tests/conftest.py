@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,39 @@ from pipeline.data import Loader, build_loader
 from pipeline.data.demo import make_demo_dataset
 
 torch.set_num_threads(2)
+
+# `make test-fast` (PIPELINE_TESTS=fast): the tier for the edit loop. Every test runs until it would
+# train, and a test that reaches training (a stage built, or a subprocess of the CLI or a benchmark) is
+# skipped there, so the tier never trains by construction; `make test` runs everything.
+FAST = os.environ.get("PIPELINE_TESTS") == "fast"
+TRAINS = "trains: run by `make test`, not by `make test-fast`"
+
+
+def pytest_configure(config):
+    if not FAST:
+        return
+    import subprocess
+    import sys
+
+    import pipeline.train.stage as stage
+
+    def no_training(*args, **kwargs):
+        pytest.skip(TRAINS)
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("pipeline")]:
+        if getattr(module, "build_stage", None) is stage.build_stage:
+            module.build_stage = no_training
+    stage.build_stage = no_training
+    popen_init = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        words = [str(a) for a in (args if isinstance(args, list | tuple) else [args])]
+        if any(w in ("pipeline", "torch.distributed.run") or "benchmarks" in w for w in words):
+            pytest.skip(TRAINS)
+        popen_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = guarded
+
 
 TINY_CONFIG = {
     "run": {"name": "t", "seed": 0, "device": "cpu", "log_every": 3},

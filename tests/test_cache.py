@@ -13,9 +13,9 @@ from torchvision.transforms import RandomResizedCrop
 
 import pipeline.data.cache as cache_mod
 from pipeline.data.cache import open_cache
+from pipeline.data.crops import draw_crop, draw_crops
 from pipeline.data.folder import scan_image_folder
 from pipeline.data.spec import LoaderSpec
-from pipeline.data.tv2 import draw_crop, draw_crops
 
 from conftest import make_loader
 
@@ -115,7 +115,7 @@ def jpeg_bytes(img: Image.Image, **save) -> bytes:
 
 
 def test_jpeg_size_reads_the_frame_header():
-    from pipeline.data.tv2 import jpeg_size
+    from pipeline.data.jpeg import jpeg_size
 
     rgb = Image.new("RGB", (501, 375), (10, 200, 30))
     assert jpeg_size(jpeg_bytes(rgb)) == (375, 501)
@@ -134,8 +134,8 @@ def test_reduced_decoding_takes_the_scale_it_can(size, scale):
     # 501 x 375: sides not multiples of the scale (PIL's draft then needs the floor of the size)
     import io
 
+    from pipeline.data.augment import augment
     from pipeline.data.folder import dct_scale, jpeg_region
-    from pipeline.data.tv2 import augment
 
     g = np.random.default_rng(0)
     smooth = torch.nn.functional.interpolate(torch.tensor(g.random((1, 3, 24, 32)), dtype=torch.float32), (375, 501))

@@ -42,7 +42,7 @@ def finish(proc: subprocess.Popen) -> str:
 
 def steps(run_dir: Path) -> list[tuple]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [(r["stage"], r["epoch"], r["step"], r["loss"]) for r in map(json.loads, lines) if r["kind"] == "step"]
+    return [(r["stage"], r["epoch"], r["batch"], r["loss"]) for r in map(json.loads, lines) if r["kind"] == "batch"]
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_sigterm_then_resume_under_torchrun(ddp_config, tmp_path):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         metrics = list((tmp_path / "runs").glob("*/metrics.jsonl"))
-        if metrics and metrics[0].read_text().count('"kind": "step"') >= 3:
+        if metrics and metrics[0].read_text().count('"kind": "batch"') >= 3:
             break
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.02)
@@ -105,7 +105,7 @@ def test_sigterm_then_resume_under_torchrun(ddp_config, tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert "stopped by SIGTERM" in err and f"--resume {run_dir}" in err
     progress = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
-    assert progress["step"] > 0 or progress["epoch"] > 0
+    assert progress["batch"] > 0 or progress["epoch"] > 0
     finish(launch([*TORCHRUN, "-m", "pipeline", "run", "--resume", str(run_dir)], tmp_path))
     a = load_checkpoint(ref_dir / "checkpoints" / "last.pt")["state_dict"]
     b = load_checkpoint(run_dir / "checkpoints" / "last.pt")["state_dict"]

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import crops, tv2
-from pipeline.data.crops import gather_crops, roi_resize, stack_padded
+from pipeline.config import DataConfig
+from pipeline.data import crops, describe_loader, jpeg, tv2
+from pipeline.data.augment import AugmentPath, augment, augment_batch
+from pipeline.data.crops import centre_box, draw_crops, gather_crops, roi_resize, stack_padded
 from pipeline.data.folder import scan_image_folder
 from pipeline.data.spec import LoaderSpec
-from pipeline.data.tv2 import augment, augment_batch, centre_box, draw_crops
 
 from conftest import make_loader
 
@@ -145,6 +146,29 @@ def jpegs(tmp_path):
     return scan_image_folder(tmp_path, "data.train")
 
 
+@pytest.mark.parametrize(
+    "cache,decode_on,path,work",
+    [
+        (None, "workers", AugmentPath.FILES_IN_WORKERS, "_decoded_crops"),
+        (None, "device", AugmentPath.FILES_ON_DEVICE, "_encoded_batch"),
+        ("decoded", "workers", AugmentPath.CACHE_IN_WORKERS, "_cached_crops"),
+        ("decoded", "device", AugmentPath.CACHE_ON_DEVICE, "_cached_block"),
+    ],
+)
+def test_each_loader_names_the_one_path_its_batches_take(jpegs, cache, decode_on, path, work):
+    """(data.cache, data.decode_on) choose one of four paths, once: the dataset (the workers' half) and
+    the loader (the main process's half) agree, the stage line names it, and its batches come out."""
+    loader = make_loader(jpegs, batch=8, decode_on=decode_on, **({"cache": cache} if cache else {}))
+    dataset = loader._loader.dataset
+    assert loader.path == dataset.path == path and dataset._work.__name__ == work
+    assert (
+        describe_loader(DataConfig(cache=cache, workers=0), loader.path)
+        == f"tv2{' + decoded cache' if cache else ''}, 0 workers ({path})"
+    )
+    images, labels = next(iter(loader))
+    assert images.shape == (8, 3, 16, 16) and images.dtype == torch.float32 and len(labels) == 8
+
+
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("cache", [None, "decoded"])
 def test_device_mode_keeps_order_and_labels_and_is_close_to_workers(jpegs, train, cache):
@@ -162,7 +186,7 @@ def test_a_jpeg_the_batched_decoder_rejects_is_decoded_alone_on_the_cpu(jpegs, m
     bad = jpegs.samples[5][0]
     bad_bytes = tv2.read_file(bad)
     calls, cpu = [], []
-    real_decoder, real_read = tv2.jpeg_decoder, tv2.read_image
+    real_decoder, real_read = jpeg.jpeg_decoder, tv2.read_image
 
     def decoder(items, **kw):
         calls.append(len(items))
@@ -175,7 +199,7 @@ def test_a_jpeg_the_batched_decoder_rejects_is_decoded_alone_on_the_cpu(jpegs, m
         return real_read(path)
 
     expected = [(x, y) for _ in range(2) for x, y in make_loader(jpegs, batch=8, decode_on="device")]
-    monkeypatch.setattr(tv2, "jpeg_decoder", decoder)
+    monkeypatch.setattr(jpeg, "jpeg_decoder", decoder)
     monkeypatch.setattr(tv2, "read_image", read_image)
     ld = make_loader(jpegs, batch=8, decode_on="device")
     got = []
@@ -231,15 +255,15 @@ def test_torchcodec_decodes_the_device_path_where_installed_and_torchvision_othe
     from torchvision.io import decode_jpeg as torchvision_decode_jpeg
 
     codec = pytest.importorskip("torchcodec.decoders")
-    assert tv2.batched_jpeg_decoder() is codec.decode_jpeg  # the [torchcodec] extra, 0.17 or newer
+    assert jpeg.batched_jpeg_decoder() is codec.decode_jpeg  # the [torchcodec] extra, 0.17 or newer
     real_version = importlib.metadata.version
     monkeypatch.setattr(
         importlib.metadata, "version", lambda name: "0.16.0" if name == "torchcodec" else real_version(name)
     )
-    assert tv2.batched_jpeg_decoder() is torchvision_decode_jpeg  # 0.16 lacks the stream fix
+    assert jpeg.batched_jpeg_decoder() is torchvision_decode_jpeg  # 0.16 lacks the stream fix
     monkeypatch.undo()
     by_codec = list(make_loader(jpegs, batch=8, decode_on="device"))
-    monkeypatch.setattr(tv2, "jpeg_decoder", torchvision_decode_jpeg)
+    monkeypatch.setattr(jpeg, "jpeg_decoder", torchvision_decode_jpeg)
     by_torchvision = list(make_loader(jpegs, batch=8, decode_on="device"))
     for (xa, ya), (xb, yb) in zip(by_codec, by_torchvision, strict=True):
         assert torch.equal(ya, yb) and torch.equal(xa, xb)  # both libjpeg-turbo on the CPU: the same pixels
@@ -254,12 +278,12 @@ def test_jpegs_nvjpeg_cannot_take_are_decoded_in_the_workers(tmp_path, monkeypat
             Image.fromarray(pixels).convert(mode).save(tmp_path / str(c) / f"{i}.jpg", quality=90, **kw)
     index = scan_image_folder(tmp_path, "data.train")
     data = [tv2.read_file(p).numpy().tobytes() for p, _ in index.samples]
-    assert [tv2.nvjpeg_can_decode(d) for d in data] == [True] * 4 + [False] * 2 + [True] * 2  # CMYK: 4 components
-    frame = tv2.jpeg_frame(data[-1])
+    assert [jpeg.nvjpeg_can_decode(d) for d in data] == [True] * 4 + [False] * 2 + [True] * 2  # CMYK: 4 components
+    frame = jpeg.jpeg_frame(data[-1])
     assert frame == (24, 30, 0xC2, 8, 3)  # progressive, 8-bit, 3 components
     decoded = []
-    real = tv2.jpeg_decoder
-    monkeypatch.setattr(tv2, "jpeg_decoder", lambda items, **kw: decoded.append(len(items)) or real(items, **kw))
+    real = jpeg.jpeg_decoder
+    monkeypatch.setattr(jpeg, "jpeg_decoder", lambda items, **kw: decoded.append(len(items)) or real(items, **kw))
     ld = make_loader(index, train=False, batch=8, decode_on="device")
     (x, y), workers = next(iter(ld)), make_loader(index, train=False, batch=8, decode_on="workers")
     assert decoded == [6]  # the two CMYK files came decoded from the workers
@@ -276,14 +300,14 @@ def test_torchcodec_and_torchvision_decode_the_same_pixels_on_the_cpu(mode, kw):
     out = io.BytesIO()
     Image.fromarray(pixels).convert(mode).save(out, "JPEG", quality=90, **kw)
     data = torch.frombuffer(bytearray(out.getvalue()), dtype=torch.uint8)
-    assert torch.equal(codec.decode_jpeg(data, mode="RGB"), tv2.decode_jpeg(data, mode="RGB"))
+    assert torch.equal(codec.decode_jpeg(data, mode="RGB"), jpeg.decode_jpeg(data, mode="RGB"))
 
 
 def test_a_device_error_while_decoding_is_not_blamed_on_the_files(jpegs, monkeypatch):
     def out_of_memory(items, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(tv2, "jpeg_decoder", out_of_memory)
+    monkeypatch.setattr(jpeg, "jpeg_decoder", out_of_memory)
     ld = make_loader(jpegs, batch=8, decode_on="device")
     with pytest.raises(torch.OutOfMemoryError):
         next(iter(ld))

@@ -1,5 +1,5 @@
 """Fine-tuning keys: groups, freezing, frozen BatchNorm, layer-wise LRs, schedules, accumulation, EMA,
-pretrained weights, and the runner carrying them through stages."""
+pretrained weights, and the trainer carrying them through stages."""
 
 from __future__ import annotations
 

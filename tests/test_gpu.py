@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.config import DataConfig, parse_config
 from pipeline.data import build_loader
 from pipeline.data.folder import scan_image_folder
-from pipeline.data.tv2 import decode_jpegs
+from pipeline.data.jpeg import decode_jpegs
 from pipeline.model import build_model, param_groups
 from pipeline.train.memory import check_memory
 from pipeline.train.plan import plan_run

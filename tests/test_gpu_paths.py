@@ -71,7 +71,7 @@ def test_an_older_checkpoint_with_eight_gpu_states_resumes_mid_epoch(tiny_config
     (run_dir,) = (tmp_path / "b").iterdir()
     last = run_dir / "checkpoints" / "last.pt"
     state = load_checkpoint(last)
-    assert state["progress"]["step"] > 0 and len(state["rng"]) == 1  # mid-epoch; one state per rank
+    assert state["progress"]["batch"] > 0 and len(state["rng"]) == 1  # mid-epoch; one state per rank
     state["rng"] = {**state["rng"][0], "cuda": states(8)}  # as older versions wrote it: rank 0's, every GPU's
     save_checkpoint([last], state)
     run_training(parse_config(cfg), resume=run_dir)

@@ -192,6 +192,6 @@ def test_run_with_lr_find_uses_the_found_lr_per_stage(tiny_config, tmp_path):
     found = [r for r in records if r["kind"] == "lr_find"]
     assert [r["stage"] for r in found] == [0]
     assert (run_dir / "lr_find_stage0.csv").is_file() and (run_dir / "lr_find_stage0.png").is_file()
-    peak0 = max(r["lr"] for r in records if r["kind"] == "step" and r["stage"] == 0)
-    peak1 = max(r["lr"] for r in records if r["kind"] == "step" and r["stage"] == 1)
+    peak0 = max(r["lr"] for r in records if r["kind"] == "batch" and r["stage"] == 0)
+    peak1 = max(r["lr"] for r in records if r["kind"] == "batch" and r["stage"] == 1)
     assert peak0 == pytest.approx(found[0]["lr"], rel=0.05) and peak1 == pytest.approx(0.02, rel=0.05)

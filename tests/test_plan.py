@@ -11,6 +11,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.data import scan_datasets
+from pipeline.report import read_metrics, run_curves
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.plan import format_duration, plan_run
 from pipeline.train.run import RunHooks, run_training
@@ -91,7 +92,7 @@ def test_each_stage_schedule_spans_its_planned_updates(tiny_config, tmp_path):
     assert seen == [(0, 10), (1, 3)]  # 2 epochs x 5 batches; 6 batches of 6, two per update
     assert [(e["stage"], e["epoch"], e["updates"]) for e in planned] == [(0, 0, 5), (0, 1, 5), (1, 0, 3)]
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    trained = [(r["stage"], r["epoch"]) for r in steps if r["kind"] == "step"]
+    trained = [(r["stage"], r["epoch"]) for r in steps if r["kind"] == "batch"]
     assert [trained.count((e["stage"], e["epoch"])) for e in planned] == [e["batches"] for e in planned]
 
 
@@ -120,18 +121,31 @@ def test_resume_refuses_a_stage_whose_plan_changed(tiny_config, tmp_path, capsys
     assert err.startswith("error: --resume: stage 0 was planned as 9 optimizer updates and would now take 10"), err
 
 
-def test_a_checkpoint_without_a_plan_still_resumes(tiny_config, tmp_path):
-    """Checkpoints of earlier versions hold no plan, and their progress says `step`."""
+def test_a_run_in_the_earlier_layout_still_resumes(tiny_config, tmp_path):
+    """Files of earlier versions: checkpoints without a plan, whose progress (and metrics.jsonl's batch
+    records, `kind: step`) name the batch `step`. Made here from a checkpoint this version wrote."""
     with pytest.raises(Killed):
         run_training(parse_config(tiny_config), out_dir=tmp_path, hooks=die_after_saves(1))
     (run_dir,) = tmp_path.iterdir()
     last = run_dir / "checkpoints" / "last.pt"
     state = load_checkpoint(last)
+    assert "batch" in state["progress"] and "step" not in state["progress"]
     del state["plan"]
-    assert "step" in state["progress"] and "batch" not in state["progress"]
+    state["progress"]["step"] = state["progress"].pop("batch")
     save_checkpoint([last], state)
+    metrics = run_dir / "metrics.jsonl"
+    old = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for r in old:
+        if r["kind"] == "batch":
+            r["kind"], r["step"] = "step", r.pop("batch")
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in old))
     assert main(["run", "--resume", str(run_dir)]) == 0
-    assert len(load_checkpoint(last)["progress"]["stages"]) == 2
+    progress = load_checkpoint(last)["progress"]
+    assert len(progress["stages"]) == 2 and "batch" in progress and "step" not in progress
+    records = read_metrics(metrics)
+    assert {r["kind"] for r in records} == {"batch", "epoch"}  # the old records read as today's
+    ends = run_curves(records)["epoch_ends"]  # every epoch's end placed on the batch axis
+    assert len(ends) == 3 and 0 < ends[0] < ends[1] < ends[2] == len(run_curves(records)["steps"])
 
 
 def test_fraction_done_follows_the_work_of_each_epoch(tiny_config):

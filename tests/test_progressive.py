@@ -101,7 +101,7 @@ def test_a_run_wide_onecycle_spans_every_stage_whatever_its_batch(tiny_config, t
     cfg["train"]["schedule"] = {"scope": "run"}
     cfg["stages"][1]["accum_steps"] = 2  # stage 1: batches of 6, two per update
     run_dir = run_training(parse_config(cfg), out_dir=tmp_path)
-    steps = records(run_dir, "step")
+    steps = records(run_dir, "batch")
     per_update = [r["lr"] for r in steps if r["stage"] == 0] + [r["lr"] for r in steps if r["stage"] == 1][::2]
     assert len(per_update) == 10 + 3  # 2 epochs x 5 updates, then 6 batches / 2
     assert per_update == pytest.approx(onecycle_curve(13, 0.05))  # one curve: no second warm-up at stage 1
@@ -111,7 +111,7 @@ def test_a_run_wide_onecycle_spans_every_stage_whatever_its_batch(tiny_config, t
 
 def test_a_stage_schedule_starts_again_at_each_stage(tiny_config, tmp_path):
     run_dir = run_training(parse_config(tiny_config), out_dir=tmp_path)
-    steps = records(run_dir, "step")
+    steps = records(run_dir, "batch")
     assert [r["lr"] for r in steps if r["stage"] == 0] == pytest.approx(onecycle_curve(10, 0.05))
     assert [r["lr"] for r in steps if r["stage"] == 1] == pytest.approx(onecycle_curve(6, 0.05, pct_start=2 / 6))
 
@@ -143,14 +143,14 @@ def test_resume_mid_stage_is_exact_under_both_scopes(tiny_config, tmp_path, scop
     with pytest.raises(Killed):
         run_training(parse_config(cfg), out_dir=tmp_path / "b", hooks=die_after_saves(9))  # stage 0, epoch 1
     (run_dir,) = (tmp_path / "b").iterdir()
-    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["step"] > 0
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["batch"] > 0
     run_training(parse_config(cfg), resume=run_dir)
     a = load_checkpoint(reference / "checkpoints" / "last.pt")
     b = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     for name in a["state_dict"]:
         assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name
-    assert [(r["lr"], r["loss"]) for r in records(reference, "step")] == [
-        (r["lr"], r["loss"]) for r in records(run_dir, "step")
+    assert [(r["lr"], r["loss"]) for r in records(reference, "batch")] == [
+        (r["lr"], r["loss"]) for r in records(run_dir, "batch")
     ]
 
 
@@ -226,7 +226,7 @@ def test_a_run_reestimates_bn_where_the_size_changes(tiny_config, tmp_path):
     plain = run_training(parse_config(cfg), out_dir=tmp_path / "a")
     cfg["train"]["bn_reestimate"] = 16
     reestimated = run_training(parse_config(cfg), out_dir=tmp_path / "b")
-    a, b = records(plain, "step"), records(reestimated, "step")
+    a, b = records(plain, "batch"), records(reestimated, "batch")
     # training uses batch statistics: the same losses throughout; the running statistics differ
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     sa = load_checkpoint(plain / "checkpoints" / "stage0.pt")["state_dict"]

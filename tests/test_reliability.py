@@ -37,7 +37,7 @@ BACKENDS = [
 
 def step_losses(run_dir: Path) -> list[tuple[int, int, int, float]]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [(r["stage"], r["epoch"], r["step"], r["loss"]) for r in map(json.loads, lines) if r["kind"] == "step"]
+    return [(r["stage"], r["epoch"], r["batch"], r["loss"]) for r in map(json.loads, lines) if r["kind"] == "batch"]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -67,7 +67,7 @@ def test_resume_mid_epoch_is_bit_exact(every_step_config, tmp_path, backend, sav
         run_training(parse_config(every_step_config), out_dir=tmp_path / "b", hooks=die_after_saves(saves))
     (run_dir,) = (tmp_path / "b").iterdir()
     progress = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
-    assert progress["step"] > 0  # the checkpoint was taken mid-epoch
+    assert progress["batch"] > 0  # the checkpoint was taken mid-epoch
     run_training(parse_config(every_step_config), resume=run_dir)
     assert_same_run(reference, run_dir)
 
@@ -103,7 +103,7 @@ def wait_for_steps(proc: subprocess.Popen, run_root: Path, steps: int, timeout: 
     while time.monotonic() < deadline:
         runs = list(run_root.glob("t-*")) if run_root.is_dir() else []
         metrics = runs[0] / "metrics.jsonl" if runs else None
-        if metrics is not None and metrics.is_file() and metrics.read_text().count('"kind": "step"') >= steps:
+        if metrics is not None and metrics.is_file() and metrics.read_text().count('"kind": "batch"') >= steps:
             return runs[0]
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before {steps} steps: {proc.communicate()[1][-2000:]}")
@@ -167,7 +167,7 @@ def test_sigterm_and_ctrl_c_checkpoint_and_say_how_to_resume(every_step_config, 
     assert f"error: stopped by {name} at stage 0" in err
     assert f"Resume with: python -m pipeline run --resume {run_dir}" in err
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert ckpt["progress"]["step"] > 0 or ckpt["progress"]["epoch"] > 0
+    assert ckpt["progress"]["batch"] > 0 or ckpt["progress"]["epoch"] > 0
     resumed = start_run(["--resume", str(run_dir)], tmp_path)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
@@ -230,15 +230,16 @@ def test_resume_auto_continues_the_newest_run_or_starts_one(tiny_config, write_y
     assert len(load_checkpoint(newest / "checkpoints" / "last.pt")["progress"]["stages"]) == 2  # finished
 
 
-def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("kind", ["batch", "step"])  # step: the batch records' name before 2026-12-06
+def test_metrics_are_cut_back_to_the_checkpoint(tmp_path, kind):
     path = tmp_path / "metrics.jsonl"
     records = [
         {"kind": "lr_find", "stage": 1, "epoch": 0},
-        {"kind": "step", "stage": 1, "epoch": 0, "step": 0},
+        {"kind": "step", "stage": 1, "epoch": 0, "step": 0},  # written by an earlier version, then resumed
         {"kind": "epoch", "stage": 1, "epoch": 0},
-        {"kind": "step", "stage": 1, "epoch": 1, "step": 0},
-        {"kind": "step", "stage": 1, "epoch": 1, "step": 1},
-        {"kind": "step", "stage": 1, "epoch": 1, "step": 2},
+        {"kind": kind, "stage": 1, "epoch": 1, kind: 0},
+        {"kind": kind, "stage": 1, "epoch": 1, kind: 1},
+        {"kind": kind, "stage": 1, "epoch": 1, kind: 2},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "st')  # a torn last line
     MetricsLog.keep_before(path, stage=1, epoch=1, batch=2)
@@ -264,10 +265,10 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     path = write_yaml(every_step_config)
     assert main(["run", str(path), "--out", str(path.parent / "runs")]) == 2
     err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
-    assert "stage 0 epoch 1 step 2: the loss is nan; training diverged" in err and "last.pt" in err
+    assert "stage 0 epoch 1 batch 2: the loss is nan; training diverged" in err and "last.pt" in err
     (run_dir,) = (path.parent / "runs").iterdir()
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert (ckpt["progress"]["epoch"], ckpt["progress"]["step"]) == (1, 2)  # taken before the bad step
+    assert (ckpt["progress"]["epoch"], ckpt["progress"]["batch"]) == (1, 2)  # taken before the bad step
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 

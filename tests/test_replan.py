@@ -136,7 +136,7 @@ def test_a_re_planned_run_trains_its_new_plan_and_resumes_it_after_a_crash(tiny_
     last = Checkpoint.read(whole / "checkpoints" / "last.pt")
     assert last.run_progress.replans == [{"stage": 0, "epoch": 1, "epochs": [2, 2]}]
     floor = cfg.train.optimizer.lr / cfg.train.schedule.div_factor / cfg.train.schedule.final_div_factor
-    last_lr = [r["lr"] for r in records if r["kind"] == "step"][-1]
+    last_lr = [r["lr"] for r in records if r["kind"] == "batch"][-1]
     assert last_lr == pytest.approx(floor, rel=1e-3)  # the last update is the stretched curve's last step
 
     # the same run killed right after the re-planned epoch's checkpoint, before config.yaml was rewritten

@@ -31,7 +31,7 @@ def records(run_dir, kind: str) -> list[dict]:
 def test_a_run_writes_its_metrics_as_tensorboard_scalars(tiny_config, tmp_path):
     tiny_config["run"]["tensorboard"] = True
     run_dir = run_training(parse_config(tiny_config), out_dir=tmp_path)
-    board, steps, epochs = scalars(run_dir), records(run_dir, "step"), records(run_dir, "epoch")
+    board, steps, epochs = scalars(run_dir), records(run_dir, "batch"), records(run_dir, "epoch")
     # stage 0: 2 epochs of 40 // 8 = 5 batches, stage 1: 1 epoch of 40 // 6 = 6 batches: one axis of 16
     assert [at for at, _ in board["train/loss"]] == list(range(16))
     assert [v for _, v in board["train/loss"]] == pytest.approx([r["loss"] for r in steps])

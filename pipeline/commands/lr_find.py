@@ -65,7 +65,6 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 def run_lr_find(cfg: Config, stage_index: int, out_dir: Path | None = None, **kwargs) -> tuple[RangeTest, Path]:
     """The range test on stage `stage_index` (its loader, freezing, AMP, compile, Mixup); writes
     `lr_find.csv` and `lr_find.png` in a new folder and returns the result and that folder."""
-    from pipeline.model import build_model, param_groups
     from pipeline.train.checkpoint import seed_everything
     from pipeline.train.preflight import prepare
     from pipeline.train.range_test import save_range_test, stage_range_test
@@ -77,9 +76,8 @@ def run_lr_find(cfg: Config, stage_index: int, out_dir: Path | None = None, **kw
     device, datasets, num_classes = prepare(cfg)
     stage = cfg.stages[stage_index]
     seed_everything(cfg.run.seed)
-    model = build_model(cfg.model, num_classes).to(device)
+    ctx = RunContext.fresh(cfg, device, num_classes, datasets)
     run_dir = new_run_dir(Path(out_dir or cfg.run.out_dir), f"{cfg.run.name}-lr-find")  # before: fail early
-    ctx = RunContext(cfg, device, model, param_groups(model), num_classes, datasets)
     with build_stage(ctx, stage_index, validation=False) as parts:
         result = stage_range_test(parts, ctx, **kwargs)
     save_range_test(result, run_dir / "lr_find", f"stage {stage_index}: {stage.img_size}px, batch {stage.batch_size}")

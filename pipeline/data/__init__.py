@@ -1,6 +1,6 @@
 """Data: dataset scan, the loader factory behind one contract, and the `demo` dataset.
 
-The runner calls `build_loader` (and `describe_loader`) and never branches on the backend.
+The trainer calls `build_loader` (and `describe_loader`) and never branches on the backend.
 """
 
 from __future__ import annotations
@@ -68,11 +68,12 @@ def resolve_decode_on(cfg: DataConfig, device: torch.device) -> str:
     return "device" if cfg.backend == "dali" and device.type == "cuda" else "workers"
 
 
-def describe_loader(data: DataConfig) -> str:
-    """How a stage's loader is set up, for the stage line: backend, cache, workers or DALI threads."""
+def describe_loader(data: DataConfig, path: str | None = None) -> str:
+    """How a stage's loader is set up, for the stage line: backend, cache, workers or DALI threads, and
+    the loader's `path` where it has one (tv2's `AugmentPath`: where its batches are decoded and cropped)."""
     cache = " + decoded cache" if data.cache else ""
     unit = "threads" if data.backend == "dali" else "workers"
-    return f"{data.backend}{cache}, {resolve_workers(data.workers)} {unit}"
+    return f"{data.backend}{cache}, {resolve_workers(data.workers)} {unit}" + (f" ({path})" if path else "")
 
 
 def build_loader(

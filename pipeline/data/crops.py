@@ -1,12 +1,20 @@
-"""Crop, resize and flip a whole batch on the device, each sample with its own box: a few torchvision
-roi_align calls instead of one resize per image (over a thousand kernel launches at batch 256)."""
+"""Crops: where each sample's box comes from and how a batch is cut to it.
+
+`draw_crops` / `draw_crop` draw every sample's RandomResizedCrop box and flip from its seed (the same
+box whichever path decodes it), `centre_box` is validation's; the rest crops, resizes and flips a whole
+batch on the device, each sample with its own box: a few torchvision roi_align calls instead of one
+resize per image (over a thousand kernel launches at batch 256)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
+
+from pipeline.data.spec import LoaderSpec
 
 MAX_SAMPLES = 8  # roi_align samples per output pixel and axis; past that a downscale aliases a little
 MAX_STEPS = 4  # downscales by 2x or more resample at up to 4x the size first (see `roi_resize`)
@@ -126,3 +134,92 @@ def moved(boxes: np.ndarray, start: np.ndarray) -> np.ndarray:
     out = np.array(boxes, dtype=np.float64)[:, :4]
     out[:, :2] -= start
     return out
+
+
+ATTEMPTS = 10  # as torchvision's RandomResizedCrop
+_STEP, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64
+
+
+def uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
+    """`count` uniform [0, 1) numbers per seed (splitmix64 of seed and position): per-sample
+    randomness drawn for a whole batch at once, independent of batch composition and workers."""
+    with np.errstate(over="ignore"):
+        z = seeds.astype(np.uint64)[:, None] + np.uint64(_STEP) * np.arange(1, count + 1, dtype=np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def draw_crops(heights: np.ndarray, widths: np.ndarray, seeds: np.ndarray, spec: LoaderSpec) -> np.ndarray:
+    """RandomResizedCrop boxes and flips for a batch, one row per sample: top, left, h, w, flip.
+
+    torchvision's rule (up to 10 tries at a random area and log-uniform aspect, else the centre
+    crop at the nearest allowed aspect), each sample from its own seed.
+    """
+    heights, widths = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
+    u = uniforms(np.asarray(seeds, dtype=np.int64), 4 * ATTEMPTS + 1)
+    area = (heights * widths)[:, None] * (spec.scale[0] + (spec.scale[1] - spec.scale[0]) * u[:, :ATTEMPTS])
+    lo, hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
+    aspect = np.exp(lo + (hi - lo) * u[:, ATTEMPTS : 2 * ATTEMPTS])
+    w = np.rint(np.sqrt(area * aspect)).astype(np.int64)
+    h = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+    fits = (w > 0) & (h > 0) & (w <= widths[:, None]) & (h <= heights[:, None])
+    first = fits.argmax(axis=1)
+    rows = np.arange(len(heights))
+    ok = fits[rows, first]
+    w, h = np.where(ok, w[rows, first], 0), np.where(ok, h[rows, first], 0)
+    top = np.floor(u[rows, 2 * ATTEMPTS + first] * (heights - h + 1)).astype(np.int64)
+    left = np.floor(u[rows, 3 * ATTEMPTS + first] * (widths - w + 1)).astype(np.int64)
+    # no try fitted: the centre crop, its aspect clamped to the allowed range
+    in_ratio = widths / heights
+    fw = np.where(in_ratio > spec.ratio[1], np.rint(heights * spec.ratio[1]), widths).astype(np.int64)
+    fh = np.where(in_ratio < spec.ratio[0], np.rint(widths / spec.ratio[0]), heights).astype(np.int64)
+    top, left = np.where(ok, top, (heights - fh) // 2), np.where(ok, left, (widths - fw) // 2)
+    h, w = np.where(ok, h, fh), np.where(ok, w, fw)
+    flip = (u[:, -1] < spec.hflip).astype(np.int64)
+    return np.stack([top, left, h, w, flip], axis=1)
+
+
+_MASK = (1 << 64) - 1
+
+
+def _uniform(seed: int, k: int) -> float:
+    """`uniforms(seeds, ...)[:, k - 1]` for one seed, in Python integers."""
+    z = (seed + _STEP * k) & _MASK
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK
+    return ((z ^ (z >> 31)) >> 11) * 2.0**-53
+
+
+def draw_crop(height: int, width: int, seed: int, spec: LoaderSpec) -> tuple[int, int, int, int, bool]:
+    """One sample's box (top, left, h, w) and flip: `draw_crops` for a batch of one, without numpy's
+    per-call cost (a worker draws one per decoded image)."""
+    s0, s1 = spec.scale
+    lo, hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
+    flip = _uniform(seed, 4 * ATTEMPTS + 1) < spec.hflip
+    for i in range(ATTEMPTS):
+        area = height * width * (s0 + (s1 - s0) * _uniform(seed, i + 1))
+        aspect = math.exp(lo + (hi - lo) * _uniform(seed, ATTEMPTS + i + 1))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = math.floor(_uniform(seed, 2 * ATTEMPTS + i + 1) * (height - h + 1))
+            left = math.floor(_uniform(seed, 3 * ATTEMPTS + i + 1) * (width - w + 1))
+            return top, left, h, w, flip
+    in_ratio = width / height
+    w = round(height * spec.ratio[1]) if in_ratio > spec.ratio[1] else width
+    h = round(width / spec.ratio[0]) if in_ratio < spec.ratio[0] else height
+    return (height - h) // 2, (width - w) // 2, h, w, flip
+
+
+def centre_box(height: int, width: int, spec: LoaderSpec) -> tuple[float, float, float, float]:
+    """Validation (timm's crop_pct): the region (top, left, h, w), in the image's own pixels, that
+    resizing the shorter side to size / crop_pct and taking the central size x size keeps; rounded
+    as torchvision's resize and center_crop round, so one resample gives the same pixels as two."""
+    size, short = spec.img_size, math.floor(spec.img_size / spec.crop_pct)
+    if height <= width:
+        h2, w2 = short, int(short * width / height)
+    else:
+        h2, w2 = int(short * height / width), short
+    sy, sx = height / h2, width / w2
+    return int(round((h2 - size) / 2)) * sy, int(round((w2 - size) / 2)) * sx, size * sy, size * sx

@@ -1,6 +1,6 @@
 """The loader contract both backends implement: what a loader is built for and what it answers.
 
-The runner only sees `Loader`; `LoaderSpec` carries one split, one stage and one DDP shard.
+The trainer only sees `Loader`; `LoaderSpec` carries one split, one stage and one DDP shard.
 """
 
 from __future__ import annotations

@@ -62,14 +62,13 @@ class Progress:
         self.seconds += self.stage_seconds
 
     def state_dict(self) -> dict[str, Any]:
-        state = asdict(self)
-        state["step"] = state.pop("batch")  # the on-disk name, so older checkpoints and their readers agree
-        return state
+        return asdict(self)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Progress:
         state = dict(state)
-        state["batch"] = state.pop("step", 0)
+        if "step" in state:  # checkpoints written before the key was named `batch`
+            state["batch"] = state.pop("step")
         return cls(**state)
 
 

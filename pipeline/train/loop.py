@@ -79,17 +79,16 @@ class MetricsWindow:
             if not math.isfinite(loss) and self.train_step.scaler is None:
                 k = self.stage
                 raise UserError(
-                    f"stage {k} epoch {self.epoch} step {batch_idx}: the loss is {loss}; training diverged. Lower "
+                    f"stage {k} epoch {self.epoch} batch {batch_idx}: the loss is {loss}; training diverged. Lower "
                     f"the LR (stages.{k}.lr or train.optimizer.lr) and start a new run; the last good "
                     f"weights are in {self.loop.run_dir / 'checkpoints' / 'last.pt'}"
                 )
-            # `step` is the batch's index in its epoch (the key's meaning since the first version)
             self.loop.metrics.write(
                 {
-                    "kind": "step",
+                    "kind": "batch",
                     "stage": self.stage,
                     "epoch": self.epoch,
-                    "step": batch_idx,
+                    "batch": batch_idx,
                     "lr": lr,
                     "momentum": momentum,
                     "loss": loss,

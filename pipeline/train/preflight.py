@@ -15,7 +15,7 @@ from pipeline.config import Config
 from pipeline.data import Datasets, require_backend, scan_datasets
 from pipeline.distributed import World, resolve_device
 from pipeline.errors import ConfigError, DataError
-from pipeline.model import ParamGroups, apply_freeze, optimizer_param_groups
+from pipeline.model import ParamGroups, apply_freeze, input_problem, optimizer_param_groups
 from pipeline.train.checkpoint import Checkpoint, Progress
 from pipeline.train.plan import RunPlan, train_batch_size
 from pipeline.train.schedule import build_optimizer
@@ -95,21 +95,12 @@ def check_optimizers(cfg: Config, device: torch.device) -> None:
 def check_input_sizes(model: torch.nn.Module, cfg: Config, plan: RunPlan, device: torch.device) -> None:
     """A forward pass at every size the plan trains or validates at: fixed-size models (ViT at 224)
     fail here, not at hour 2."""
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i in range(len(cfg.stages)):
-                sizes = sorted({s for e in plan.of_stage(i) for s in (e.img_size, e.val_size)})
-                for size in sizes:
-                    try:
-                        model(torch.zeros(1, 3, size, size, device=device))
-                    except Exception as e:
-                        raise ConfigError(
-                            f"stages.{i}.img_size: model.arch {cfg.model.arch!r} cannot take {size}px "
-                            f"input ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
-                        ) from None
-    finally:
-        model.train()
+    for i in range(len(cfg.stages)):
+        for size in sorted({s for e in plan.of_stage(i) for s in (e.img_size, e.val_size)}):
+            problem = input_problem(model, size, device)
+            if problem:
+                arch = cfg.model.arch
+                raise ConfigError(f"stages.{i}.img_size: model.arch {arch!r} cannot take {size}px input ({problem})")
 
 
 def check_groups(model: torch.nn.Module, cfg: Config, groups: ParamGroups) -> None:

@@ -67,6 +67,14 @@ class RunContext:
     memory: dict[int, int] = field(default_factory=dict)  # stage -> peak bytes of its probe (CUDA)
     scaler: torch.amp.GradScaler | None = None  # fp16's, made by the first stage that needs one
 
+    @classmethod
+    def fresh(cls, cfg: Config, device: torch.device, num_classes: int, datasets=None, pretrained=True) -> RunContext:
+        """A new model of `cfg` on `device` (`pretrained` False: without its weights, for timing) and its groups."""
+        from pipeline.model import build_model, param_groups
+
+        model = build_model(cfg.model if pretrained else replace(cfg.model, pretrained=None), num_classes).to(device)
+        return cls(cfg, device, model, param_groups(model), num_classes, datasets)
+
 
 @dataclass
 class StageParts:
@@ -136,7 +144,7 @@ class StageParts:
             + (f" ({per_process} per process)" if world.distributed else "")
             + f", {stage.epochs} epochs x {batches} steps; amp {train_step.precision.name}, "
             f"compile {compiled}, mixup {'on' if train_step.mixup else 'off'}; "
-            f"loader {describe_loader(stage.data)}"
+            f"loader {describe_loader(stage.data, getattr(self.train_loader, 'path', None))}"
             + (f"; frozen {', '.join(self.freeze.frozen)}" if self.freeze.frozen else "")
             + (f"; {len(self.freeze.fixed_norms)} BatchNorm layers fixed" if self.freeze.fixed_norms else "")
             + (f"; {tc.accum_steps} micro-batches per step" if tc.accum_steps > 1 else "")

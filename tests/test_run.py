@@ -1,4 +1,4 @@
-"""The stage runner end to end on tiny data: outputs, schedules, carried weights, resume, AMP, compile."""
+"""`pipeline.train.run` end to end on tiny data: outputs, schedules, carried weights, resume, AMP, compile."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_run_writes_the_run_folder(tiny_config, tmp_path):
     epochs = records(run_dir, "epoch")
     assert [(r["stage"], r["epoch"]) for r in epochs] == [(0, 0), (0, 1), (1, 0)]
     assert all(r["val_samples"] == 20 for r in epochs)  # every validation image counted once
-    step = records(run_dir, "step")[0]
+    step = records(run_dir, "batch")[0]
     assert {"lr", "momentum", "loss", "images_per_s"} <= set(step)
     config = (run_dir / "config.yaml").read_text()
     assert "test_resnet" in config and "img_size: 24" in config
@@ -79,7 +79,7 @@ def test_scheduler_runs_exactly_its_steps_for_any_batch_size(tiny_config, tmp_pa
         {"img_size": 16, "batch_size": 9, "epochs": 3, "mixup": "off"},
     ]
     run_dir = train(cfg, tmp_path)
-    steps = records(run_dir, "step")
+    steps = records(run_dir, "batch")
     for stage, per_epoch, epochs in ((0, 6, 2), (1, 4, 3)):
         lrs = [r["lr"] for r in steps if r["stage"] == stage]
         assert len(lrs) == per_epoch * epochs
@@ -127,7 +127,7 @@ def test_resume_continues_where_it_stopped(tiny_config, tmp_path, saves_before_k
     for k, v in final.items():
         assert torch.equal(resumed[k], v), k  # bit-exact with the uninterrupted run on CPU
     assert [r["val_top1"] for r in records(run_dir, "epoch")] == [r["val_top1"] for r in records(reference, "epoch")]
-    assert len(records(run_dir, "step")) == len(records(reference, "step"))
+    assert len(records(run_dir, "batch")) == len(records(reference, "batch"))
 
 
 def test_resume_refuses_changes_to_what_was_trained(tiny_config, tmp_path, capsys):
@@ -247,7 +247,7 @@ def test_inductor_compiled_run_matches_eager_closely(tiny_config, tmp_path):
     torch._dynamo.reset()
     compiled = train(cfg, tmp_path / "compiled")
     torch._dynamo.reset()
-    a, b = records(eager, "step"), records(compiled, "step")
+    a, b = records(eager, "batch"), records(compiled, "batch")
     assert len(a) == len(b)
     # same weights and batches: compiled kernels reorder float sums, so losses agree to rounding only
     for x, y in zip(a, b):
