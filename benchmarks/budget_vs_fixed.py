@@ -57,6 +57,7 @@ def main() -> None:
         begin = time.perf_counter()
         planned, speeds = plan_budget(cfg.raw, budget, start=args.start_size, measuring_counts=True)
         spent = time.perf_counter() - begin
+        print("\n".join(planned.reasons))
         fixed = choose_plan(cfg.raw, speeds, budget - spent, final, len(datasets.train), len(datasets.val), final)
         for name, plan in (("planned", planned), ("fixed", fixed)):
             plan.raw["run"]["name"] = f"{name}-{text}"
@@ -73,6 +74,7 @@ def main() -> None:
                     "budget_s": budget,
                     "run": name,
                     "planned_stages": [(s["img_size"], s["epochs"]) for s in plan.raw["stages"]],
+                    "reasons": list(plan.reasons),  # why the planner chose it (the planned run's)
                     "stages": [(s["img_size"], s["epochs"]) for s in trained],
                     "replans": replanner.records,
                     "epochs": plan.epochs,

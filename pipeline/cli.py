@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a bad option: its one line is printed; `--help` exits 0 as it is
+        if e.code != 2:
+            raise
+        return 2
     try:
         return COMMANDS[args.command][1](args)
     except UserError as e:

@@ -122,6 +122,25 @@ def tiny_config(tiny_data) -> dict:
     return cfg
 
 
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """`reference_run(cfg)`: the folder of a finished, never-stopped run of `cfg`, trained once per
+    configuration per session and shared (read only) by the bit-exact resume checks."""
+    from pipeline.config import parse_config
+    from pipeline.train.run import run_training
+
+    runs: dict[str, Path] = {}
+
+    def get(cfg: dict) -> Path:
+        key = yaml.safe_dump(cfg, sort_keys=True)
+        if key not in runs:
+            out = tmp_path_factory.mktemp("reference")
+            runs[key] = run_training(parse_config(copy.deepcopy(cfg)), out_dir=out)
+        return runs[key]
+
+    return get
+
+
 @pytest.fixture
 def write_yaml(tmp_path):
     def write(cfg: dict, name: str = "stages.yaml") -> Path:

@@ -117,6 +117,7 @@ def test_budget_vs_fixed(tiny_config, write_yaml, tmp_path):
     assert planned["stages"][-1][0] == fixed["stages"][-1][0] == 24 and {s[0] for s in fixed["stages"]} == {24}
     assert all(r["predicted_s"] <= 10 and r["wall_s"] > 0 and r["epochs"] >= 1 for r in rows)
     assert "| 10s | planned |" in text
+    assert planned["reasons"] and planned["reasons"][0] in text  # why the planner chose it, said and kept
 
 
 def test_predict_speed(tiny_config, tmp_path):
@@ -138,3 +139,14 @@ def test_cpu_decoders():
     rows = [line for line in text.splitlines() if line.startswith("| 64x48")]
     assert [row.split(" | ")[1:3] for row in rows] == [["8", "1/4"], ["32", "1/1"]]  # the loader's DCT rule
     assert "PIL, reduced DCT" in text and all(float(v) > 0 for v in rows[0].strip("| ").split(" | ")[3:])
+
+
+def test_size_probes(tiny_data, tmp_path):
+    """The two probes on the tiny set (32 px images, 16 -> 32 px): detail kept rises to 1 at the final size."""
+    out = tmp_path / "probes.json"
+    stdout = run_script("size_probes.py", f"tiny={tiny_data}@32", "--images", "40", "--json", out)
+    report = json.loads(out.read_text())["tiny"]
+    assert list(report) == ["16", "24", "32"] and "tiny (detail kept / feature top-1)" in stdout
+    detail = [report[s]["detail"] for s in report]
+    assert detail[-1] == pytest.approx(1.0) and detail == sorted(detail) and detail[0] < 0.9
+    assert all(len(report[s]["features"]) == 2 and 0 <= min(report[s]["features"]) for s in report)

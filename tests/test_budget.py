@@ -13,6 +13,7 @@ import pipeline.budget as budget
 from pipeline.budget import (
     BudgetPlan,
     choose_plan,
+    choose_ramp,
     choose_start,
     format_plan,
     native_note,
@@ -80,6 +81,25 @@ def test_the_start_is_half_the_final_size_only_where_that_pays(tiny_config):
     plan = choose_plan(raw_config(tiny_config), flat, 60.0, 64, 100, 30, start)
     assert {s["img_size"] for s in plan.raw["stages"]} == {64}  # no ramp planned
     assert format_plan(BudgetPlan(plan.raw, plan.epochs, plan.stage_seconds, 5.0, reasons=(why,)), 60.0).startswith(why)
+
+
+def test_a_ramp_is_planned_only_where_it_buys_enough_more_epochs(tiny_config):
+    raw = raw_config(tiny_config)
+    ramp, fixed = (choose_plan(raw, SPEEDS, 200.0, 64, 1000, 200, start) for start in (32, 64))
+    assert ramp.epochs >= budget.RAMP_EPOCHS * fixed.epochs  # 32 px at 4x the images/s of 64 px: the ramp buys epochs
+    assert choose_ramp(ramp, fixed, 32, 64) == (ramp, None)
+    # 32 px at 1.4x (past RAMP_PAYS) but an epoch's fixed costs dominate: the ramp buys too few epochs
+    costly = Speeds(train={32: 280.0, 64: 200.0}, val=SPEEDS.val, new_size_s=2.0, epoch_s=6.0, start_s=5.0)
+    assert choose_start(costly, 64)[0] == 32
+    ramp, fixed = (choose_plan(raw, costly, 200.0, 64, 1000, 200, start) for start in (32, 64))
+    assert fixed.epochs <= ramp.epochs < budget.RAMP_EPOCHS * fixed.epochs
+    chosen, why = choose_ramp(ramp, fixed, 32, 64)
+    assert chosen is fixed and {s["img_size"] for s in chosen.raw["stages"]} == {64}
+    assert why == (
+        f"every epoch at 64 px: a ramp from 32 px would fit {ramp.epochs} epochs in this budget against "
+        f"{fixed.epochs} at 64 px ({ramp.epochs / fixed.epochs:.2f}x, under 1.35x), too few more to make up for "
+        "its smaller sizes"
+    )
 
 
 def test_the_plan_reads_the_training_images_size(tiny_data):

@@ -313,10 +313,12 @@ def mid_stage_config(tiny_config: dict) -> dict:
     "make_config,epoch_at_kill,ema_updates",
     [(finetune_config, 1, 5 + 3 + 5), (mid_stage_config, 1, 5 + 2 * 3)],  # at a stage end; mid-stage
 )
-def test_killed_and_resumed_matches_a_run_never_stopped(tiny_config, tmp_path, make_config, epoch_at_kill, ema_updates):
+def test_killed_and_resumed_matches_a_run_never_stopped(
+    tiny_config, tmp_path, make_config, epoch_at_kill, ema_updates, reference_run
+):
     """Killed after its second checkpoint, resumed: the same weights, EMA and scheduler state."""
     cfg = make_config(tiny_config)
-    reference = run_training(parse_config(cfg), out_dir=tmp_path / "a")
+    reference = reference_run(cfg)
     with pytest.raises(Killed):
         run_training(parse_config(cfg), out_dir=tmp_path / "b", hooks=die_after_saves(2))
     (run_dir,) = (tmp_path / "b").iterdir()

@@ -62,10 +62,10 @@ def test_cuda_rng_of_a_checkpoint_from_more_gpus_restores_only_the_training_devi
     assert ckpt.rng_state(CPU)["cuda"] == []
 
 
-def test_an_older_checkpoint_with_eight_gpu_states_resumes_mid_epoch(tiny_config, tmp_path):
+def test_an_older_checkpoint_with_eight_gpu_states_resumes_mid_epoch(tiny_config, tmp_path, reference_run):
     cfg = copy.deepcopy(tiny_config)
     cfg["run"].update(checkpoint_every=0, log_every=1)
-    reference = run_training(parse_config(cfg), out_dir=tmp_path / "a")
+    reference = reference_run(cfg)
     with pytest.raises(Killed):
         run_training(parse_config(cfg), out_dir=tmp_path / "b", hooks=die_after_saves(3))
     (run_dir,) = (tmp_path / "b").iterdir()

@@ -15,7 +15,7 @@ LAYERS = [
     ["pipeline.train.plan", "pipeline.train.checkpoint", "pipeline.train.signals", "pipeline.train.rundir"],
     ["pipeline.train.loop", "pipeline.train.preflight", "pipeline.train.memory"],
     ["pipeline.train.stage"],
-    ["pipeline.train.range_test", "pipeline.train.runstate"],
+    ["pipeline.train.range_test", "pipeline.train.runstate", "pipeline.train.setup"],
     ["pipeline.train.run"],
     ["pipeline.options", "pipeline.inference", "pipeline.loader_bench", "pipeline.speeds"],
     ["pipeline.budget"],

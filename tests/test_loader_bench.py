@@ -96,7 +96,6 @@ def test_apply_writes_one_setting_globally_or_one_per_stage(tiny_config):
         (["--workers", "a,b"], "--workers a,b: expected comma-separated integers"),
         (["--workers", "-1"], "--workers -1: need integers >= 0"),
         (["--sizes", "32", "--apply"], "--apply writes settings for the file's own stages"),
-        (["--batches", "0"], "--batches 0 / --repeats 1: need at least 1"),
         (["--data", "/no/such/folder"], "data.train: folder '/no/such/folder' does not exist"),
     ],
 )

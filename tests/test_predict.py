@@ -162,7 +162,10 @@ def test_predict_errors_are_one_line(tiny_run, tiny_data, tmp_path, capsys):
             f"{not_ours}: not a checkpoint of this pipeline (no state_dict, arch, num_classes, classes, config)",
         ),
         ([str(tiny_run), "missing.jpg"], "missing.jpg: no such file or folder"),
-        ([str(tiny_run), image, "--topk", "0"], "--topk 0: need at least 1"),
+        (
+            [str(tiny_run), image, "--topk", "0"],
+            "argument --topk: must be 1 or more, got 0 (see python -m pipeline predict --help)",
+        ),
         ([str(tiny_run), image, "--tta", "mirror"], "--tta mirror: expected one of none, flip, flip+crops"),
         ([str(tiny_run), image, "--img-size", "4"], "--img-size 4: need at least 8"),
         (

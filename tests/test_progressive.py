@@ -131,7 +131,7 @@ def test_a_run_wide_curve_continues_across_the_boundary(name):
 
 
 @pytest.mark.parametrize("scope", ["run", "stage"])
-def test_resume_mid_stage_is_exact_under_both_scopes(tiny_config, tmp_path, scope):
+def test_resume_mid_stage_is_exact_under_both_scopes(tiny_config, tmp_path, scope, reference_run):
     cfg = with_stages(
         tiny_config,
         [{"img_size": [16, 24], "batch_size": 8, "epochs": 3}, {"img_size": 24, "batch_size": 6, "epochs": 1}],
@@ -139,7 +139,7 @@ def test_resume_mid_stage_is_exact_under_both_scopes(tiny_config, tmp_path, scop
         bn_reestimate=16,
     )
     cfg["run"].update(checkpoint_every=0, log_every=1)
-    reference = run_training(parse_config(cfg), out_dir=tmp_path / "a")
+    reference = reference_run(cfg)
     with pytest.raises(Killed):
         run_training(parse_config(cfg), out_dir=tmp_path / "b", hooks=die_after_saves(9))  # stage 0, epoch 1
     (run_dir,) = (tmp_path / "b").iterdir()

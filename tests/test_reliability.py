@@ -60,9 +60,9 @@ def every_step_config(tiny_config) -> dict:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("saves", [3, 7])  # mid-epoch in stage 0's first and second epoch
-def test_resume_mid_epoch_is_bit_exact(every_step_config, tmp_path, backend, saves):
+def test_resume_mid_epoch_is_bit_exact(every_step_config, tmp_path, backend, saves, reference_run):
     every_step_config["data"]["backend"] = backend
-    reference = run_training(parse_config(every_step_config), out_dir=tmp_path / "a")
+    reference = reference_run(every_step_config)
     with pytest.raises(Killed):
         run_training(parse_config(every_step_config), out_dir=tmp_path / "b", hooks=die_after_saves(saves))
     (run_dir,) = (tmp_path / "b").iterdir()
@@ -95,6 +95,17 @@ def finished_run(args: list[str], cwd: Path) -> Path:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     return Path(next(line for line in out.splitlines() if line.startswith("run folder ")).split(" ", 2)[2])
+
+
+_FINISHED: dict[str, Path] = {}  # a stages file's text -> its finished run, shared by the tests of a session
+
+
+def finished_reference(cfg_path: Path, cwd: Path) -> Path:
+    """`finished_run` of the stages file `cfg_path`, once per session and file content (read only)."""
+    key = cfg_path.read_text()
+    if key not in _FINISHED:
+        _FINISHED[key] = finished_run([str(cfg_path), "--out", str(cwd / "reference")], cwd)
+    return _FINISHED[key]
 
 
 def wait_for_steps(proc: subprocess.Popen, run_root: Path, steps: int, timeout: float = 120) -> Path:
@@ -171,8 +182,7 @@ def test_sigterm_and_ctrl_c_checkpoint_and_say_how_to_resume(every_step_config, 
     resumed = start_run(["--resume", str(run_dir)], tmp_path)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
-    reference = finished_run([str(cfg_path), "--out", str(tmp_path / "reference")], tmp_path)
-    assert_same_run(reference, run_dir)
+    assert_same_run(finished_reference(cfg_path, tmp_path), run_dir)
 
 
 def test_a_write_failing_midway_leaves_the_old_file(tmp_path):

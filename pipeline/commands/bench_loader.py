@@ -71,8 +71,6 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
 
     backends = check_backends([b.strip() for b in args.backends.split(",") if b.strip()])
     workers = int_list(args.workers, "--workers", 0)
-    if args.batches < 1 or args.repeats < 1:
-        raise UserError(f"--batches {args.batches} / --repeats {args.repeats}: need at least 1")
     if (args.sizes or args.data) and args.apply:
         raise UserError("--apply writes settings for the file's own stages and data: drop --sizes and --data")
     if args.json is not None and not args.json.parent.is_dir():

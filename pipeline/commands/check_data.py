@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError, UserError
+from pipeline.errors import DataError
 from pipeline.options import whole, write_or_fail
 
 HELP = "class counts, image modes, sizes, bad files, train/val duplicates"
@@ -46,8 +46,6 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     """Exit status 0 when nothing would stop or spoil training, 1 when something would."""
     from pipeline.files import write_json
 
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers {args.workers}: need at least 1")
     report = check_dataset(args.path, args.workers)
     print(format_report(report))
     if args.json:

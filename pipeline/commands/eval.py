@@ -56,10 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: need at least 1")
-    if args.workers is not None and args.workers < 0:
-        raise UserError(f"--workers {args.workers}: need 0 or more")
     result, out_dir = run_eval(
         args.target,
         data=args.data,

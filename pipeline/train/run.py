@@ -10,27 +10,23 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from timm.layers import convert_sync_batchnorm
 
 from pipeline import distributed
 from pipeline.config import Config, EmaConfig
-from pipeline.data import Datasets
-from pipeline.distributed import World
 from pipeline.files import write_json
-from pipeline.model import build_model, param_groups
 from pipeline.report import MetricsLog, TensorBoardLog, format_summary, plot_run
 from pipeline.train.checkpoint import Checkpoint, Checkpointer, Progress, derive_seed, seed_everything
 from pipeline.train.loop import EpochResult, LoopSettings, evaluate, train_epoch
-from pipeline.train.memory import check_memory, out_of_memory
-from pipeline.train.plan import RunPlan, describe_jumps, plan_run
-from pipeline.train.preflight import check_groups, check_input_sizes, check_resume, prepare
+from pipeline.train.memory import out_of_memory
+from pipeline.train.plan import RunPlan, describe_jumps
+from pipeline.train.preflight import prepare
 from pipeline.train.range_test import lr_for_run
-from pipeline.train.rundir import hold_run_dir, new_run_dir
-from pipeline.train.runstate import replanned_config, run_checkpoint, take_plan, write_plan
+from pipeline.train.runstate import run_checkpoint, take_plan, write_plan
+from pipeline.train.setup import RunSetup, set_up
 from pipeline.train.signals import StopSignals
 from pipeline.train.stage import RunContext, StageParts, build_stage
 from pipeline.train.step import WeightEma
@@ -59,66 +55,21 @@ def run_training(
     try:
         with open(os.devnull, "w") as devnull, contextlib.ExitStack() as held:
             with contextlib.redirect_stdout(devnull) if not world.is_main else contextlib.nullcontext():
-                return _train(cfg, out_dir, resume, world, device, datasets, num_classes, hooks or RunHooks(), held)
+                return _train(
+                    set_up(cfg, out_dir, resume, world, device, datasets, num_classes, held), hooks or RunHooks()
+                )
     finally:
         distributed.shutdown()
 
 
-def _train(
-    cfg: Config,
-    out_dir: Path | None,
-    resume: Path | None,
-    world: World,
-    device: torch.device,
-    datasets: Datasets,
-    num_classes: int,
-    hooks: RunHooks,
-    held: contextlib.ExitStack,  # the run folder's lock (rank 0), released when the run ends
-) -> Path:
-    seed_everything(cfg.run.seed)
-    plan = plan_run(cfg.stages, len(datasets.train), world.world_size)
-    checkpoint, progress = None, Progress()
-    if resume is not None:
-        run_dir = Path(resume)
-        held.enter_context(hold_run_dir(run_dir, world.is_main))
-        checkpoint = Checkpoint.read(run_dir / "checkpoints" / "last.pt")
-        progress = checkpoint.run_progress
-        if progress.replans:  # re-planned while it ran (`run --budget`): the checkpoint has the plan
-            cfg, plan = replanned_config(cfg, checkpoint.config, len(datasets.train), world.world_size)
-        check_resume(checkpoint, cfg, datasets, plan, progress, world)
-        model = build_model(replace(cfg.model, pretrained=None), num_classes).to(device)  # weights: below
-        model.load_state_dict(checkpoint.state_dict)
-        distributed.barrier()  # every rank has read the checkpoint before rank 0 cuts the metrics back
-        if world.is_main:
-            MetricsLog.keep_before(run_dir / "metrics.jsonl", progress.stage, progress.epoch, progress.batch)
-        where = f", batch {progress.batch}" if progress.batch else ""
-        print(f"resuming {run_dir} at stage {progress.stage}, epoch {progress.epoch}{where}")
-    else:
-        model = build_model(cfg.model, num_classes).to(device)
-        check_input_sizes(model, cfg, plan, device)
-    groups = param_groups(model)
-    check_groups(model, cfg, groups)
-    probe = device.type == "cuda"  # each stage's memory, before SyncBatchNorm (whose forward is collective)
-    memory = check_memory(model, cfg, plan, groups, device, progress.stage, world.world_size) if probe else {}
-    if cfg.train.sync_bn and world.distributed:
-        model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
-    if resume is None:
-        run_dir = distributed.from_main(
-            new_run_dir(Path(out_dir or cfg.run.out_dir), cfg.run.name) if world.is_main else None
-        )
-        held.enter_context(hold_run_dir(run_dir, world.is_main))
-    if world.is_main:
-        write_plan(run_dir, cfg, plan)
-    processes = f" x {world.world_size} processes (torchrun)" if world.distributed else ""
-    print(
-        f"run folder {run_dir}\ndevice {device}{processes}; {len(datasets.train)} train / {len(datasets.val)} val "
-        f"images, {num_classes} classes; model {cfg.model.arch} (groups {groups.describe()})"
-    )
-    ctx = RunContext(cfg, device, model, groups, num_classes, datasets, world, memory=memory)
+def _train(s: RunSetup, hooks: RunHooks) -> Path:
+    cfg, plan, run_dir, progress, checkpoint, model = s.cfg, s.plan, s.run_dir, s.progress, s.checkpoint, s.model
+    world, device = s.world, s.device
+    ctx = RunContext(cfg, device, model, s.groups, s.num_classes, s.datasets, world, memory=s.memory)
     if checkpoint is not None and checkpoint.state_dict_ema is not None:
         ctx.ema = WeightEma(model, cfg.stages[progress.stage].train.ema or cfg.train.ema or EmaConfig())
         ctx.ema.load_state_dict(checkpoint.state_dict_ema, checkpoint.ema_updates)
-    at = plan.batches_before(progress.stage, progress.epoch) + progress.batch if resume is not None else None
+    at = plan.batches_before(progress.stage, progress.epoch) + progress.batch if checkpoint is not None else None
     board = TensorBoardLog(run_dir / "tensorboard", None, at) if cfg.run.tensorboard and world.is_main else None
     metrics = MetricsLog(run_dir / "metrics.jsonl", board) if world.is_main else MetricsLog(None)
     try:
