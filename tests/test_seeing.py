@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -67,9 +69,15 @@ def test_compare_prints_the_right_numbers(tmp_path, capsys):
 
 
 def split(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "split.py"), *args], capture_output=True, text=True, timeout=120
-    )
+    """tools/split.py's main in this process (a new interpreter would spend seconds importing torch);
+    its `__main__` is `sys.exit(main())`, so the exit status is main's return value."""
+    spec = importlib.util.spec_from_file_location("split_tool", ROOT / "tools" / "split.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = tool.main(list(args))
+    return subprocess.CompletedProcess(["split.py", *args], code, out.getvalue(), err.getvalue())
 
 
 def make_folder(root: Path, counts: dict[str, int]) -> Path:
