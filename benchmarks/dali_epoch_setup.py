@@ -25,7 +25,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.dali import DALILoader  # noqa: E402
-from pipeline.data.folder import ImageFolderIndex  # noqa: E402
+from pipeline.data.index import ImageFolderIndex  # noqa: E402
 from pipeline.data.spec import LoaderSpec  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main() -> None:
                     path = root / c / f"{i}.jpg"
                     os.symlink(jpeg, path)
                     samples.append((str(path), k))
-            loader = DALILoader(ImageFolderIndex(root=root, classes=classes, samples=samples), spec)
+            loader = DALILoader(ImageFolderIndex.of(root, classes, samples), spec)
             times = []
             for epoch in range(args.repeats):
                 start = time.perf_counter()

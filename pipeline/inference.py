@@ -17,7 +17,8 @@ import torch
 
 from pipeline.config import DataConfig, StageSpec, parse_config
 from pipeline.data import Loader, build_loader
-from pipeline.data.folder import IMG_EXTENSIONS, ImageFolderIndex, is_image_file
+from pipeline.data.folder import IMG_EXTENSIONS, is_image_file
+from pipeline.data.index import ImageFolderIndex
 from pipeline.errors import UserError
 from pipeline.model import input_problem as model_input_problem
 from pipeline.train.checkpoint import Checkpoint

@@ -21,7 +21,7 @@ import torch
 
 from pipeline.config import Config, DataConfig, StageSpec
 from pipeline.data import Loader, build_loader
-from pipeline.data.folder import ImageFolderIndex
+from pipeline.data.index import ImageFolderIndex
 from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.tv2 import shutdown_workers
 from pipeline.train.plan import train_batch_size

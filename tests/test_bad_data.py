@@ -149,7 +149,7 @@ def corrupt_jpeg(path: Path) -> Path:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_skip_in_validation_leaves_the_file_out_and_in_training_keeps_the_epoch(tiny_data, tmp_path, capsys, backend):
-    from pipeline.data.folder import scan_image_folder
+    from pipeline.data.index import scan_image_folder
 
     from conftest import make_loader
 
@@ -171,7 +171,7 @@ def test_skip_in_validation_leaves_the_file_out_and_in_training_keeps_the_epoch(
 def test_a_tv2_epoch_takes_its_seed_when_iterated(tiny_data):
     """Creating the iterator draws the DataLoader's base seed at once, so a run resumed mid-epoch can
     restore the RNGs after it and continue as if never stopped."""
-    from pipeline.data.folder import scan_image_folder
+    from pipeline.data.index import scan_image_folder
 
     from conftest import make_loader
 

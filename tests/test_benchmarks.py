@@ -150,3 +150,17 @@ def test_size_probes(tiny_data, tmp_path):
     detail = [report[s]["detail"] for s in report]
     assert detail[-1] == pytest.approx(1.0) and detail == sorted(detail) and detail[0] < 0.9
     assert all(len(report[s]["features"]) == 2 and 0 <= min(report[s]["features"]) for s in report)
+
+
+def test_scan_scale(tmp_path):
+    """The scan and worker-memory parts on 600 files (the starts run processes: the full benchmark only)."""
+    out = tmp_path / "scale.json"
+    args = ["--files", "600", "--classes", "6", "--root", tmp_path / "data", "--procs", "", "--json", out]
+    stdout = run_script("scan_scale.py", *args)
+    (row,) = json.loads(out.read_text())
+    assert row["files"] == 600 and all(row[k] > 0 for k in ("scan_before_s", "scan_first_s", "scan_second_s"))
+    made = tmp_path / "data" / "n600"
+    assert (made / "c0005").is_dir() and len(list(made.rglob("*.jpg"))) == 600
+    for layout in ("workers_arrays", "workers_list"):
+        assert row[layout]["rss_start_mib"] > 0 and "rss_growth_pct" in row[layout]
+    assert "| 600 |" in stdout and "first scan (s)" in stdout

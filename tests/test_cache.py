@@ -14,7 +14,7 @@ from torchvision.transforms import RandomResizedCrop
 import pipeline.data.cache as cache_mod
 from pipeline.data.cache import open_cache
 from pipeline.data.crops import draw_crop, draw_crops
-from pipeline.data.folder import scan_image_folder
+from pipeline.data.index import scan_image_folder
 from pipeline.data.spec import LoaderSpec
 
 from conftest import make_loader

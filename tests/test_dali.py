@@ -19,7 +19,7 @@ pytest.importorskip("nvidia.dali")
 from pipeline.cli import main  # noqa: E402
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.data import require_backend, scan_datasets  # noqa: E402
-from pipeline.data.folder import scan_image_folder  # noqa: E402
+from pipeline.data.index import scan_image_folder  # noqa: E402
 from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pipeline.errors import ConfigError, DataError  # noqa: E402
 from pipeline.loader_bench import measure_loader  # noqa: E402

@@ -13,7 +13,8 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data import scan_datasets
-from pipeline.data.folder import read_image, scan_image_folder
+from pipeline.data.folder import read_image
+from pipeline.data.index import scan_image_folder
 from pipeline.data.sampler import EpochSampler
 from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec
 from pipeline.errors import DataError

@@ -63,7 +63,7 @@ def test_tta_views():
 
 
 def test_the_centre_view_of_flip_and_crops_is_the_validation_crop(tiny_data):
-    from pipeline.data.folder import scan_image_folder
+    from pipeline.data.index import scan_image_folder
 
     from conftest import make_loader
 

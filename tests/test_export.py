@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pipeline.cli import main
 from pipeline.commands.export import FORMATS
-from pipeline.data.folder import scan_image_folder
+from pipeline.data.index import scan_image_folder
 from pipeline.inference import load_member
 
 from conftest import make_loader

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.config import DataConfig, parse_config
 from pipeline.data import build_loader
-from pipeline.data.folder import scan_image_folder
+from pipeline.data.index import scan_image_folder
 from pipeline.data.jpeg import decode_jpegs
 from pipeline.model import build_model, param_groups
 from pipeline.train.memory import check_memory
@@ -77,7 +77,7 @@ def test_decoded_batches_are_the_cpu_decoders_pixels(tmp_path):
         batches[where] = [(x.cpu(), y.cpu()) for x, y in loader]
         loader.close()
     for (xa, ya), (xb, yb) in zip(batches["workers"], batches["device"], strict=True):
-        assert torch.equal(ya, yb) and (xa - xb).abs().mean() < 0.35  # as on CPU (test_device_augment)
+        assert torch.equal(ya, yb) and (xa - xb).abs().mean() < 0.35  # as on CPU (test_augment)
 
 
 @pytest.mark.skipif(not HAVE_DALI, reason="DALI not installed")

@@ -150,7 +150,7 @@ def test_a_run_in_the_earlier_layout_still_resumes(tiny_config, tmp_path):
 
 def test_fraction_done_follows_the_work_of_each_epoch(tiny_config):
     plain = copy.deepcopy(tiny_config)
-    plain["train"]["size_jumps"] = "off"  # a plain switch: each epoch at one size (mixed: tests/test_size_jumps.py)
+    plain["train"]["size_jumps"] = "off"  # a plain switch: each epoch at one size (mixed: tests/test_loop.py)
     cfg = stages_of(
         plain,
         [{"img_size": 16, "batch_size": 8, "epochs": 1}, {"img_size": 32, "batch_size": 8, "epochs": 1}],

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import os
 import statistics
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -64,15 +63,13 @@ class FileReport:
     digest: str | None = None
 
 
-def inspect(args: tuple[str, str]) -> FileReport:
-    """One file: header check, then a full decode (a truncated or corrupt file fails here)."""
+def inspect(args: tuple[str, str, str | None]) -> FileReport:
+    """One file: its header verdict (from the folder's index), then a full decode (a truncated or
+    corrupt file fails here)."""
     from PIL import Image
 
-    from pipeline.data.folder import header_problem
-
-    path, label = args
-    report = FileReport(path, label)
-    report.problem = header_problem(path)
+    path, label, problem = args
+    report = FileReport(path, label, problem=problem)
     if report.problem:
         return report
     try:
@@ -92,21 +89,24 @@ def splits_of(root: Path) -> dict[str, Path]:
     return named or {root.name or "data": root}
 
 
-def list_files(root: Path) -> list[tuple[str, str, bool]]:
-    """(path, class, is an image the loaders read) for each file not hidden; ("", class, False) marks
-    a class with no images."""
-    from pipeline.data.folder import is_image_file
+IGNORED = "not an image file"
 
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")
-    files = []
-    for name in classes:
-        found = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
-        listed = [(str(p), name, is_image_file(p)) for p in found]  # the scan's own test: both see the same images
-        files.extend(listed)
-        if not any(image for _, _, image in listed):
-            files.append(("", name, False))  # marks an empty class
+
+def list_files(root: Path) -> list[tuple[str, str, str | None]]:
+    """(path, class, header verdict) for each image the loaders would read, from the folder's index
+    (the training scan's own, built or reused: both see the same images); (path, class, IGNORED) for
+    each other file not hidden, and ("", class, None) marking a class with no images."""
+    from pipeline.data.index import folder_record
+
+    record = folder_record(root, "check-data")
+    listing = record.listing
+    files = [
+        (record.path(i), listing.classes[k], why) for i, (k, why) in enumerate(zip(listing.labels, record.problems))
+    ]
+    for k in sorted(set(range(len(listing.classes))) - set(listing.labels.tolist())):
+        files.append(("", listing.classes[k], None))  # marks an empty class
+    for path in listing.ignored:
+        files.append((path, Path(path).relative_to(root).parts[0], IGNORED))
     return files
 
 
@@ -120,8 +120,8 @@ def check_dataset(root: Path, workers: int | None = None) -> dict[str, Any]:
         for split, folder in splits_of(root).items():
             listed = list_files(folder)
             empty = sorted({label for path, label, _ in listed if not path})
-            images = [(p, label) for p, label, image in listed if image]
-            ignored = [p for p, _, image in listed if p and not image]
+            images = [(p, label, why) for p, label, why in listed if p and why != IGNORED]
+            ignored = [p for p, _, why in listed if why == IGNORED]
             files = list(pool.map(inspect, images, chunksize=64))
             good = [f for f in files if not f.problem]
             counts = Counter(f.label for f in files)

@@ -215,7 +215,7 @@ def check_batch(job: ExportJob) -> tuple[torch.Tensor, str]:
 
     from pipeline.data import build_loader
     from pipeline.data.demo import demo_root
-    from pipeline.data.folder import ImageFolderIndex
+    from pipeline.data.index import ImageFolderIndex
     from pipeline.inference import collect_images
 
     val = job.member.config["data"]["val"]
@@ -225,7 +225,7 @@ def check_batch(job: ExportJob) -> tuple[torch.Tensor, str]:
         return images, f"{CHECK_IMAGES} random inputs (data.val {folder} is not there)"
     files = collect_images([folder])
     picked = files[:: max(1, len(files) // CHECK_IMAGES)][:CHECK_IMAGES]
-    index = ImageFolderIndex(folder, job.member.classes, [(f, k) for k, f in enumerate(picked)])
+    index = ImageFolderIndex.of(folder, job.member.classes, [(f, k) for k, f in enumerate(picked)])
     data = replace(job.stage.data, backend="tv2", cache=None, workers=0, on_error="skip")
     loader = build_loader(
         data,

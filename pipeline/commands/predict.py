@@ -188,7 +188,7 @@ def run_predict(
     `img_size` (default: the size the run validated at), through the run's validation loader."""
     import torch
 
-    from pipeline.data.folder import ImageFolderIndex
+    from pipeline.data.index import ImageFolderIndex
     from pipeline.distributed import resolve_device
     from pipeline.inference import (
         AUTO,
@@ -228,7 +228,7 @@ def run_predict(
     setup = EvalSetup(
         members=[member],
         data=paths[0],
-        index=ImageFolderIndex(paths[0], member.classes, todo),  # a sample's label is its position in `files`
+        index=ImageFolderIndex.of(paths[0], member.classes, todo),  # a sample's label is its position in `files`
         data_cfg=data_cfg,
         batch_size=batch_size or stage.batch_size,
         run_size=stage.val_size or stage.img_size,
@@ -245,7 +245,8 @@ def run_predict(
         while todo:  # one pass, unless a whole batch cannot be decoded: then on after it
             watch = BatchWatch(bar, setup.batch_size, len(todo))
             try:
-                p, labels = probabilities_at(replace(setup, index=replace(setup.index, samples=todo)), size, watch)
+                left = ImageFolderIndex.of(setup.index.root, member.classes, todo)
+                p, labels = probabilities_at(replace(setup, index=left), size, watch)
                 probs.append(p)
                 positions.append(labels)
             except DataError:

@@ -13,7 +13,7 @@ import torch
 from pipeline.config import DataConfig, cache_side
 from pipeline.data.cache import check_cache_side, open_cache, smaller_cache
 from pipeline.data.demo import demo_root
-from pipeline.data.folder import ImageFolderIndex, scan_image_folder
+from pipeline.data.index import ImageFolderIndex, scan_image_folder
 from pipeline.data.spec import Loader, LoaderSpec
 from pipeline.data.tv2 import TV2Loader
 from pipeline.errors import ConfigError, DataError

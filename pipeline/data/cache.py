@@ -26,7 +26,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.data.demo import demo_cache_dir
-from pipeline.data.folder import ImageFolderIndex, jpeg_region, read_image, warn_skipped
+from pipeline.data.folder import jpeg_region, read_image, warn_skipped
+from pipeline.data.index import ImageFolderIndex
 from pipeline.data.spec import ignore_stop_signals
 from pipeline.errors import DataError
 from pipeline.files import atomic_path, write_json
@@ -58,10 +59,13 @@ _OPEN: dict[int, dict[Path, np.ndarray]] = {}  # per process: a forked worker op
 
 
 def cache_key(index: ImageFolderIndex, side: int) -> str:
-    digest = hashlib.sha1(f"v{CACHE_VERSION} side {side}\n".encode())
-    for path, label in index.samples:
-        st = os.stat(path)
-        digest.update(f"{path}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    """The files, labels, sizes and modification times the cache was built from (the scan's stats)."""
+    digest = hashlib.sha1(f"v{CACHE_VERSION} side {side} {index.prefix}\n".encode())
+    stats = index.stats
+    if stats is None:  # an index of picked files, not scanned: stat them now
+        stats = np.array([(st.st_size, st.st_mtime_ns) for st in map(os.stat, map(index.path, range(len(index))))])
+    for part in (index.names, index.offsets, index.labels, stats.astype(np.int64)):
+        digest.update(np.ascontiguousarray(part).tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -89,7 +93,7 @@ def open_cache(index: ImageFolderIndex, side: int, workers: int, field: str, on_
     sidecar = bad_list(path)
     bad = frozenset(json.loads(sidecar.read_text())) if sidecar.is_file() else frozenset()
     if bad and on_error == "fail":
-        first = index.samples[min(bad)][0]
+        first = index.path(min(bad))
         read_image(first)  # raises the DataError naming the file
         raise DataError(f"{first}: cannot decode image")
     return DecodedCache(path=path, side=side, size=len(index), bad=bad)
@@ -159,7 +163,7 @@ def build_cache(
             for i, error in errors:
                 if on_error == "fail":
                     raise DataError(error)
-                warn_skipped(index.samples[i][0], error.split(": ", 1)[-1])
+                warn_skipped(index.path(i), error.split(": ", 1)[-1])
                 bad.append(i)
             out[first : first + len(block)] = block.numpy()
 
@@ -172,17 +176,17 @@ class SquareDataset(Dataset):
     """Batches of images decoded to their central square at `side` x `side` (uint8, HWC)."""
 
     def __init__(self, index: ImageFolderIndex, side: int):
-        self.samples, self.side = index.samples, side
+        self.index, self.side = index, side
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.index)
 
     def __getitem__(self, batch: list[int]) -> tuple[int, torch.Tensor, list[tuple[int, str]]]:
         block = np.zeros((len(batch), self.side, self.side, 3), dtype=np.uint8)
         errors = []
         for k, i in enumerate(batch):
             try:
-                block[k] = central_square(self.samples[i][0], self.side)
+                block[k] = central_square(self.index.path(i), self.side)
             except DataError as e:  # handed over as text: a worker's exception would carry its traceback
                 errors.append((i, str(e)))
         return batch[0], torch.from_numpy(block), errors

@@ -21,7 +21,8 @@ from nvidia.dali import backend, fn, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipeline.data.folder import ImageFolderIndex, skipped_files, warn_skipped
+from pipeline.data.folder import skipped_files, warn_skipped
+from pipeline.data.index import ImageFolderIndex
 from pipeline.data.spec import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, sample_seeds, shard_bounds
 from pipeline.errors import DataError
 

@@ -1,15 +1,13 @@
-"""The dataset scan (ImageFolder layout: one sub-folder per class) and image decoding to RGB.
+"""One file: is it an image (its extension, its header), and its decoding to RGB, whole or a JPEG
+region at a reduced DCT scale. The folder's scan is `index.py`.
 
-Both report problems as DataError naming the folder or file.
+Problems are reported as DataError naming the file.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +19,11 @@ from torchvision.transforms.v2.functional import to_dtype
 
 from pipeline.errors import DataError
 
-IMG_EXTENSIONS = (*TV_EXTENSIONS, ".gif")
-
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they remain the decoders here.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
 
 
-@dataclass(frozen=True)
-class ImageFolderIndex:
-    """The files of one split: class names (sorted, as ImageFolder) and (path, label) pairs."""
-
-    root: Path
-    classes: list[str]
-    samples: list[tuple[str, int]]
-
-    def __len__(self) -> int:
-        return len(self.samples)
+IMG_EXTENSIONS = (*TV_EXTENSIONS, ".gif")
 
 
 def is_image_file(p: Path) -> bool:
@@ -77,47 +64,6 @@ IMAGE_MAGIC = (
     b"MM\x00+",
     *(f"P{i}".encode() for i in range(1, 7)),
 )
-
-
-def scan_image_folder(root: str | Path, field: str, on_error: str = "fail") -> ImageFolderIndex:
-    """List the images of an ImageFolder; `field` (e.g. `data.train`) is named in errors. Files that
-    cannot be images (unreadable, empty, not an image) fail the scan with their list, or with
-    `on_error: skip` are left out, each named in a warning."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{field}: folder {str(root)!r} does not exist")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise DataError(f"{field}: {root} has no class sub-folders (expected {root}/<class>/<image>)")
-    found: list[tuple[str, int]] = []
-    empty = []
-    for label, name in enumerate(classes):
-        files = sorted(str(p) for p in (root / name).rglob("*") if is_image_file(p))
-        if not files:
-            empty.append(name)
-        found.extend((f, label) for f in files)
-    if empty:
-        raise DataError(f"{field}: class folder(s) with no images in {root}: {', '.join(empty)}")
-    with ThreadPoolExecutor(max_workers=16) as pool:  # one small read a file: I/O bound
-        problems = list(pool.map(header_problem, [f for f, _ in found], chunksize=256))
-    bad = [(f, why) for (f, _), why in zip(found, problems) if why]
-    if bad and on_error == "fail":
-        listed = "; ".join(f"{f}: {why}" for f, why in bad[:3])
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise DataError(
-            f"{field}: {len(bad)} bad file(s): {listed}{more}. Remove them, or set data.on_error: skip; "
-            f"python -m pipeline check-data {root} lists them all"
-        )
-    for f, why in bad:
-        warn_skipped(f, why)
-    samples = [s for s, why in zip(found, problems) if not why]
-    if not samples:
-        raise DataError(f"{field}: no readable images in {root}")
-    kept = {label for _, label in samples}
-    lost = [classes[i] for i in range(len(classes)) if i not in kept]
-    if lost:
-        raise DataError(f"{field}: class folder(s) left with no readable images in {root}: {', '.join(lost)}")
-    return ImageFolderIndex(root=root, classes=classes, samples=samples)
 
 
 _SKIPPED: set[str] = set()

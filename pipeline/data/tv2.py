@@ -21,7 +21,8 @@ from torchvision.io import read_file
 
 from pipeline.data.augment import AugmentPath, augment, augment_batch, augment_block, load_jpeg_cropped, normalize
 from pipeline.data.cache import DecodedCache
-from pipeline.data.folder import ImageFolderIndex, read_image, warn_skipped
+from pipeline.data.folder import read_image, warn_skipped
+from pipeline.data.index import ImageFolderIndex
 from pipeline.data.jpeg import decode_jpegs, is_jpeg, nvjpeg_can_decode
 from pipeline.data.sampler import EpochSampler
 from pipeline.data.spec import (
@@ -41,7 +42,7 @@ class FolderDataset(Dataset):
     """
 
     def __init__(self, index: ImageFolderIndex, spec: LoaderSpec, cache: DecodedCache | None = None):
-        self.samples, self.spec, self.cache = index.samples, spec, cache
+        self.index, self.spec, self.cache = index, spec, cache
         self.path = AugmentPath.of(cache is not None, spec.decode_on)
         self._work = {
             AugmentPath.CACHE_ON_DEVICE: self._cached_block,
@@ -51,12 +52,12 @@ class FolderDataset(Dataset):
         }[self.path]
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.index)
 
     def __getitem__(self, batch: list[tuple[int, int]]):
         idxs = [i for i, _ in batch]
         seeds = [s for _, s in batch]
-        labels = torch.tensor([self.samples[i][1] for i in idxs])
+        labels = torch.from_numpy(self.index.labels[np.asarray(idxs, dtype=np.int64)])
         return self._work(idxs, seeds, labels), labels, idxs, seeds
 
     def _cached_block(self, idxs: list[int], seeds: list[int], labels: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,7 @@ class FolderDataset(Dataset):
         """JPEG bytes for the device's batched decoder (other formats decoded here), packed."""
         items = []
         for k, idx in enumerate(idxs):
-            item = self._encoded(self.samples[idx][0])
+            item = self._encoded(self.index.path(idx))
             if item is None:
                 labels[k], item = -1, torch.zeros(3, 1, 1, dtype=torch.uint8)
             items.append(item)
@@ -86,7 +87,7 @@ class FolderDataset(Dataset):
         size = self.spec.img_size
         images = np.empty((len(idxs), size, size, 3), dtype=np.uint8)
         for k, (idx, seed) in enumerate(zip(idxs, seeds)):
-            path = self.samples[idx][0]
+            path = self.index.path(idx)
             img = load_jpeg_cropped(path, seed, self.spec)
             if img is None:
                 try:
@@ -196,7 +197,7 @@ class TV2Loader:
         batch (the batch keeps its size, so step counts and compiled shapes stay); validation drops
         it. Each is named once."""
         for b in bad:
-            path = self.index.samples[idxs[b]][0]
+            path = self.index.path(idxs[b])
             try:
                 read_image(path)
                 reason = "cannot decode image"
@@ -206,7 +207,7 @@ class TV2Loader:
         bad_set = set(bad)
         good = [i for i in range(len(labels)) if i not in bad_set]
         if not good:
-            raise DataError(f"{self.index.samples[idxs[bad[0]]][0]}: a whole batch of undecodable images")
+            raise DataError(f"{self.index.path(idxs[bad[0]])}: a whole batch of undecodable images")
         if not self.spec.train:  # validation leaves them out: every image is counted once, as itself
             keep = torch.tensor(good)
             return images[keep.to(images.device)], labels[keep]
@@ -222,7 +223,7 @@ class TV2Loader:
         """JPEG bytes are decoded here in one batch; other formats arrive decoded from the workers.
         Also returns the positions that failed to decode (`on_error: skip`; else it raises)."""
         device = self.spec.device
-        paths = [self.index.samples[i][0] for i in idxs]
+        paths = [self.index.path(i) for i in idxs]
         jpeg = [i for i, d in enumerate(items) if d.ndim == 1 and paths[i] not in CPU_JPEGS]
         images: list = [None if d.ndim == 1 else d.to(device, non_blocking=True) for d in items]
         for i, img in zip(jpeg, self._decode_jpegs([items[i] for i in jpeg])):
@@ -262,7 +263,7 @@ class TV2Loader:
             return self._decode_jpegs(items[:half]) + self._decode_jpegs(items[half:])
 
     def _raise_unreadable(self, idx: int) -> None:
-        path = self.index.samples[idx][0]
+        path = self.index.path(idx)
         read_image(path)  # raises the DataError that names the file and the decoder's reason
         raise DataError(f"{path}: cannot decode image")
 

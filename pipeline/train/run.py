@@ -55,9 +55,11 @@ def run_training(
     try:
         with open(os.devnull, "w") as devnull, contextlib.ExitStack() as held:
             with contextlib.redirect_stdout(devnull) if not world.is_main else contextlib.nullcontext():
-                return _train(
+                run_dir = _train(
                     set_up(cfg, out_dir, resume, world, device, datasets, num_classes, held), hooks or RunHooks()
                 )
+        distributed.barrier()  # every process done before any tears the group down (not after an error)
+        return run_dir
     finally:
         distributed.shutdown()
 

@@ -291,7 +291,7 @@ def test_a_process_exits_even_with_a_loader_left_open(tiny_data, tmp_path):
         "import sys\n"
         f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
         "from conftest import make_loader\n"
-        "from pipeline.data.folder import scan_image_folder\n"
+        "from pipeline.data.index import scan_image_folder\n"
         f"loader = make_loader(scan_image_folder({str(tiny_data / 'train')!r}, 'data.train'), workers=1)\n"
         "batches = iter(loader)\n"
         "next(batches)\n"

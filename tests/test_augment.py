@@ -14,7 +14,7 @@ from pipeline.config import DataConfig
 from pipeline.data import crops, describe_loader, jpeg, tv2
 from pipeline.data.augment import AugmentPath, augment, augment_batch
 from pipeline.data.crops import centre_box, draw_crops, gather_crops, roi_resize, stack_padded
-from pipeline.data.folder import scan_image_folder
+from pipeline.data.index import scan_image_folder
 from pipeline.data.spec import LoaderSpec
 
 from conftest import make_loader

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.commands.check_data import check_dataset, list_files
+from pipeline.commands.check_data import IGNORED, check_dataset, list_files
 from pipeline.data.cache import bad_list, central_square, open_cache, smaller_cache, write_array
-from pipeline.data.folder import scan_image_folder
+from pipeline.data.index import scan_image_folder
 from pipeline.files import atomic_path, atomic_write
 
 from conftest import make_loader
@@ -46,7 +46,7 @@ def test_the_scan_check_data_and_split_see_the_same_images(messy, tmp_path):
     index = scan_image_folder(messy, "data.train")  # a hidden ._1.jpg read as an image would fail the scan
     assert {(index.classes[label], Path(p).name) for p, label in index.samples} == IMAGES
 
-    assert {(label, Path(p).name) for p, label, image in list_files(messy) if image} == IMAGES
+    assert {(label, Path(p).name) for p, label, why in list_files(messy) if p and why != IGNORED} == IMAGES
     (split,) = check_dataset(messy, workers=1)["splits"].values()
     assert split["images"] == len(IMAGES) and split["bad_files"] == [] and split["empty_classes"] == []
     assert sorted(Path(p).relative_to(messy).as_posix() for p in split["ignored_files"]) == [
