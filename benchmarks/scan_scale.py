@@ -22,6 +22,7 @@ The page cache is warm throughout (the folder was just made or read).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -98,9 +99,7 @@ def to_first_batch(cmd: list[str], out: Path, run_dir: Path | None, until: int, 
     (SIGKILL) once `until` more batches are written (a checkpoint is written at every step)."""
     before = batches(run_dir)
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first = None
     try:
         while True:
@@ -114,9 +113,25 @@ def to_first_batch(cmd: list[str], out: Path, run_dir: Path | None, until: int, 
                 return first, found
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun's workers are in sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
         time.sleep(1.0)  # the lock's holder is gone; its loader workers too
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc), so that a whole torchrun job is killed as a node's loss would."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, pp in parent.items() if pp in frontier]
+        found += frontier
+    return found
 
 
 def starts(train: Path, val: Path, procs: int, work: Path) -> dict[str, float]:
@@ -167,35 +182,48 @@ class Lookups(torch.utils.data.Dataset):
         return torch.tensor([len(self.index.path(i)) + int(self.index.labels[i]) for i in idxs])
 
 
-def worker_memory(loader, epoch: int = 0) -> dict[str, float]:
-    """Each worker's RSS and USS after the first batch and after the last (the largest growth)."""
+def note_memory(folder: Path):
+    """A worker_init_fn: each worker writes its RSS and USS before its first sample."""
+
+    def note(worker_id: int) -> None:
+        (folder / f"worker-{os.getpid()}.json").write_text(json.dumps(memory(os.getpid())))
+
+    return note
+
+
+def worker_memory(loader, folder: Path) -> dict[str, float]:
+    """Each worker's RSS and USS as it starts and after the epoch's last batch (the largest growth)."""
     it = iter(loader)
-    next(it)
     pids = [w.pid for w in it._workers]
-    start = end = [memory(pid) for pid in pids]
+    end = None
     for _ in it:
         end = [memory(pid) for pid in pids]
+    start = [json.loads((folder / f"worker-{pid}.json").read_text()) for pid in pids]
     growth_rss = max((e[0] - s[0]) / s[0] for s, e in zip(start, end))
     growth_uss = max(e[1] - s[1] for s, e in zip(start, end))
     rss = max(s[0] for s in start)
     return {"rss_start_mib": rss, "rss_growth_pct": 100 * growth_rss, "uss_growth_mib": growth_uss}
 
 
-def lookups_memory(index, layout: str) -> dict[str, float]:
-    sampler = torch.utils.data.BatchSampler(torch.randperm(len(index)).tolist(), 4096, drop_last=False)
-    loader = torch.utils.data.DataLoader(Lookups(index, layout), batch_size=None, sampler=sampler, num_workers=2)
-    return worker_memory(loader)
+def lookups_memory(index, layout: str, folder: Path) -> dict[str, float]:
+    sampler = torch.utils.data.BatchSampler(torch.randperm(len(index)).tolist(), 1024, drop_last=False)
+    dataset = Lookups(index, layout)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=sampler, num_workers=2, worker_init_fn=note_memory(folder)
+    )
+    return worker_memory(loader, folder)
 
 
-def loader_epoch_memory(index) -> dict[str, float]:
+def loader_epoch_memory(index, folder: Path) -> dict[str, float]:
     from pipeline.data.spec import LoaderSpec
     from pipeline.data.tv2 import TV2Loader
 
     spec = LoaderSpec(img_size=16, batch_size=512, train=True, device=torch.device("cpu"), seed=0, workers=2)
     loader = TV2Loader(index, spec)
     loader.set_epoch(0)
+    loader._loader.worker_init_fn = note_memory(folder)
     try:
-        return worker_memory(loader._loader)
+        return worker_memory(loader._loader, folder)
     finally:
         loader.close()
 
@@ -225,10 +253,12 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             row[f"start_{procs}p"] = starts(train, val, procs, work)
-        row["workers_arrays"] = lookups_memory(index, "arrays")
-        row["workers_list"] = lookups_memory(index, "list")
+        notes = args.root / "worker-notes"
+        notes.mkdir(exist_ok=True)
+        row["workers_arrays"] = lookups_memory(index, "arrays", notes)
+        row["workers_list"] = lookups_memory(index, "list", notes)
         if args.loader_epoch:
-            row["workers_tv2_epoch"] = loader_epoch_memory(index)
+            row["workers_tv2_epoch"] = loader_epoch_memory(index, notes)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(format_table(rows))

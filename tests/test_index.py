@@ -180,3 +180,20 @@ def test_samples_are_arrays_a_forked_worker_shares(tmp_path):
     assert len(pickle.dumps(index)) < 10_000  # a few arrays, no object per sample
     picked = ImageFolderIndex.of(tmp_path, ["a", "b"], [("/x/1.jpg", 1), ("/y/2.png", 0)])
     assert list(picked.samples) == [("/x/1.jpg", 1), ("/y/2.png", 0)] and picked.stats is None
+
+
+def test_the_walk_in_processes_lists_what_the_walk_in_one_does(tmp_path, monkeypatch):
+    import pipeline.data.walk as walk_mod
+
+    root = make_folder(tmp_path / "train", classes=5, per_class=7)
+    (root / "c2" / "sub").mkdir()
+    (root / "c2" / "sub" / "deep.jpg").write_bytes(JPEG)
+    (root / "c3" / "notes.txt").write_text("x")
+    (root / "c4" / ".hidden.jpg").write_bytes(JPEG)
+    one = walk_mod.walk(root)
+    monkeypatch.setattr(walk_mod, "PARALLEL_WALK", 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # as on a 2-core machine
+    many = walk_mod.walk(root)
+    assert many.same(one) and many.names == one.names and np.array_equal(many.labels, one.labels)
+    assert "c2/sub/deep.jpg" in one.names and len(one.names) == 36
+    assert one.ignored == [str(root / "c3" / "notes.txt")]
