@@ -143,19 +143,29 @@ def _scan_in_a_process(root: str, log: str, ready) -> None:
     scan_image_folder(Path(root), "data.train")
 
 
-def test_two_processes_starting_together_scan_once_between_them(tmp_path):
-    root = make_folder(tmp_path / "train", classes=2, per_class=50)
-    scan_image_folder(root, "data.train")
-    (root / "c0" / "new.jpg").write_bytes(JPEG)  # the kept index is stale: one of them must walk
-    log = tmp_path / "walks.log"
+def _launch_two(root: str, log: str) -> None:
+    """A launcher, as torchrun's agent: started after the folder changed, parent of both processes."""
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Barrier(2, timeout=60)
-    procs = [ctx.Process(target=_scan_in_a_process, args=(str(root), str(log), ready)) for _ in range(2)]
+    procs = [ctx.Process(target=_scan_in_a_process, args=(root, log, ready)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    os._exit(0 if [p.exitcode for p in procs] == [0, 0] else 1)
+
+
+def test_two_processes_of_one_job_scan_once_between_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as under torchrun: the job began when their launcher started
+    root = make_folder(tmp_path / "train", classes=2, per_class=50)
+    scan_image_folder(root, "data.train")
+    (root / "c0" / "new.jpg").write_bytes(JPEG)  # the kept index is stale: one of them must walk
+    log = tmp_path / "walks.log"
+    time.sleep(0.05)  # the launcher starts after the change, by the clock's tick
+    launcher = multiprocessing.get_context("fork").Process(target=_launch_two, args=(str(root), str(log)))
+    launcher.start()
+    launcher.join(120)
+    assert launcher.exitcode == 0
     assert len(log.read_text().split()) == 1  # one walked; the other used what it had just verified
     assert len(scan_image_folder(root, "data.train")) == 101
 
@@ -196,4 +206,48 @@ def test_the_walk_in_processes_lists_what_the_walk_in_one_does(tmp_path, monkeyp
     many = walk_mod.walk(root)
     assert many.same(one) and many.names == one.names and np.array_equal(many.labels, one.labels)
     assert "c2/sub/deep.jpg" in one.names and len(one.names) == 36
-    assert one.ignored == [str(root / "c3" / "notes.txt")]
+    assert one.ignored == ["c3/notes.txt"]  # under the root, however it is spelled
+
+
+def test_the_index_is_dated_by_when_its_listing_began_not_when_it_was_written(tmp_path, monkeypatch):
+    """A process that asked for the lock while another was listing must not take that listing as
+    fresh: a file added meanwhile would be missed. The index's time is its listing's start."""
+    root = make_folder(tmp_path / "train", classes=2, per_class=3)
+    real, began = index_mod.walk, []
+
+    def slow_walk(path):
+        began.append(time.time())
+        listing = real(path)
+        time.sleep(0.5)  # a process asking now comes after the listing began
+        return listing
+
+    monkeypatch.setattr(index_mod, "walk", slow_walk)
+    scan_image_folder(root, "data.train")
+    assert abs(index_file(root).stat().st_mtime - began[0]) < 0.1
+    asked = time.time()
+    assert index_file(root).stat().st_mtime < asked  # so a later asker walks again
+    (root / "c0" / "late.jpg").write_bytes(JPEG)
+    assert str(root / "c0" / "late.jpg") in paths(scan_image_folder(root, "data.train"))
+
+
+def test_a_folder_that_cannot_be_listed_or_locked_is_one_line(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "train", classes=2, per_class=2)
+    monkeypatch.setattr(index_mod.fcntl, "lockf", lambda *a: (_ for _ in ()).throw(OSError(38, "no locks")))
+    assert len(scan_image_folder(root, "data.train")) == 4  # scanned, not kept
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(root / "c1"))
+
+    monkeypatch.setattr(index_mod, "walk", refused)
+    with pytest.raises(DataError, match=r"data.train: cannot list .*c1: Permission denied"):
+        scan_image_folder(root, "data.train")
+
+
+def test_under_torchrun_a_listing_is_fresh_from_the_launch_of_the_job(monkeypatch):
+    """The job's processes share one listing: one begun after torchrun started is taken as fresh."""
+    assert -600 < index_mod.started(os.getpid()) - time.time() < 0.05  # this process: started minutes ago at most
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert abs(index_mod._asked() - time.time()) < 1
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert abs(index_mod._asked() - index_mod.started(os.getppid())) < 0.05
+    assert index_mod._asked() <= index_mod.started(os.getpid()) + 0.05

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import os
 import statistics
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -105,8 +106,8 @@ def list_files(root: Path) -> list[tuple[str, str, str | None]]:
     ]
     for k in sorted(set(range(len(listing.classes))) - set(listing.labels.tolist())):
         files.append(("", listing.classes[k], None))  # marks an empty class
-    for path in listing.ignored:
-        files.append((path, Path(path).relative_to(root).parts[0], IGNORED))
+    for name in listing.ignored:  # names under the root
+        files.append((os.path.join(root, name), name.split("/", 1)[0], IGNORED))
     return files
 
 

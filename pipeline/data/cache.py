@@ -60,7 +60,7 @@ _OPEN: dict[int, dict[Path, np.ndarray]] = {}  # per process: a forked worker op
 
 def cache_key(index: ImageFolderIndex, side: int) -> str:
     """The files, labels, sizes and modification times the cache was built from (the scan's stats)."""
-    digest = hashlib.sha1(f"v{CACHE_VERSION} side {side} {index.prefix}\n".encode())
+    digest = hashlib.sha1(os.fsencode(f"v{CACHE_VERSION} side {side} {index.prefix}\n"))
     stats = index.stats
     if stats is None:  # an index of picked files, not scanned: stat them now
         stats = np.array([(st.st_size, st.st_mtime_ns) for st in map(os.stat, map(index.path, range(len(index))))])

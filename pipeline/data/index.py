@@ -35,7 +35,7 @@ from pipeline.data.walk import Listing, pack, starts, walk
 from pipeline.errors import DataError
 from pipeline.files import atomic_write
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: other files named under the root
 
 
 class Samples(Sequence):
@@ -104,7 +104,7 @@ def index_file(root: Path) -> Path:
     """Where a folder's index is kept: one file per folder (by its absolute path)."""
     where = str(root.resolve())
     name = re.sub(r"[^A-Za-z0-9]+", "-", where).strip("-")[-60:]
-    return demo_cache_dir() / "index" / f"{name}-{hashlib.sha1(where.encode()).hexdigest()[:12]}.npz"
+    return demo_cache_dir() / "index" / f"{name}-{hashlib.sha1(os.fsencode(where)).hexdigest()[:12]}.npz"
 
 
 def read_record(file: Path, root: Path) -> FolderRecord | None:
@@ -155,14 +155,17 @@ def check_headers(root: Path, listing: Listing, kept: FolderRecord | None) -> li
 @contextlib.contextmanager
 def _held(file: Path) -> Iterator[bool]:
     """The folder's index lock, held while the block runs; False where the cache cannot be written."""
-    try:
+    lock = None
+    try:  # a file system without POSIX locks (some Lustre, FUSE or NFS mounts) is one that cannot keep it
         file.parent.mkdir(parents=True, exist_ok=True)
         lock = open(file.with_suffix(".lock"), "a")
+        fcntl.lockf(lock, fcntl.LOCK_EX)
     except OSError:
+        if lock is not None:
+            lock.close()
         yield False
         return
     with lock:
-        fcntl.lockf(lock, fcntl.LOCK_EX)
         yield True
 
 
@@ -171,7 +174,7 @@ def folder_record(root: Path, field: str) -> FolderRecord:
     process while this one waited), updated where the folder changed, or built by a first scan."""
     if not root.is_dir():
         raise DataError(f"{field}: folder {str(root)!r} does not exist")
-    file, asked = index_file(root), time.time()
+    file, asked = index_file(root), _asked()
     with _held(file) as keep:
         if not (keep and file.is_file() and file.stat().st_mtime >= asked):
             return _verified(root, field, file, keep)
@@ -179,18 +182,40 @@ def folder_record(root: Path, field: str) -> FolderRecord:
     return kept if kept is not None else folder_record(root, field)
 
 
+def _asked() -> float:
+    """From when a listing is fresh enough for this process: now; under torchrun, since the job's
+    launcher started, so that the job's processes share one listing (as they must share one list of
+    samples) rather than each walking the folder again while the others wait."""
+    if "LOCAL_RANK" in os.environ:
+        with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+            return started(os.getppid())
+    return time.time()
+
+
+def started(pid: int) -> float:
+    """When a process started (Linux: /proc, against the same clock as the uptime), by `time.time()`."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
 def _verified(root: Path, field: str, file: Path, keep: bool) -> FolderRecord:
     kept = read_record(file, root) if keep else None
-    listing = walk(root)
+    listed_at = time.time()  # the index's mtime says when its listing began, by this clock
+    try:
+        listing = walk(root)
+    except OSError as e:
+        raise DataError(f"{field}: cannot list {e.filename or root}: {e.strerror or e}") from None
     if not listing.classes:
         raise DataError(f"{field}: {root} has no class sub-folders (expected {root}/<class>/<image>)")
     if kept is not None and kept.listing.same(listing):
-        os.utime(file)  # verified now: a process waiting for the lock need not walk again
+        os.utime(file, (listed_at, listed_at))  # verified: a process that asked since need not walk again
         return kept
     record = FolderRecord(root, listing, check_headers(root, listing, kept))
     if keep:
         with contextlib.suppress(OSError):  # a full disk costs the next start a scan, not this run
             write_record(file, record)
+            os.utime(file, (listed_at, listed_at))
     return record
 
 

@@ -85,16 +85,25 @@ def _walk_class(root: str, name: str) -> tuple[str, np.ndarray, list[str]]:
     stack = [(os.path.join(root, name), name)]
     while stack:
         folder, rel = stack.pop()
-        for e in os.scandir(folder):
+        try:
+            entries = list(os.scandir(folder))
+        except PermissionError:
+            if rel == name:
+                raise  # the class folder itself: named in the error
+            continue  # a sub-folder that cannot be read is passed over, as pathlib's rglob does
+        for e in entries:
             if e.is_dir(follow_symlinks=False):  # as pathlib's rglob: linked folders are not entered
                 stack.append((e.path, f"{rel}/{e.name}"))
             elif e.name.startswith(".") or not e.is_file():
                 continue
             elif e.name.lower().endswith(IMG_EXTENSIONS):
-                st = e.stat()
+                try:
+                    st = e.stat()
+                except FileNotFoundError:  # removed since it was listed (a copy still running)
+                    continue
                 found.append((f"{rel}/{e.name}", st.st_size, st.st_mtime_ns))
             else:
-                ignored.append(e.path)
+                ignored.append(f"{rel}/{e.name}")  # under the root, however the root was spelled
     found.sort()
     joined = "".join(f"{f}\0" for f, _, _ in found)
     return joined, np.array([(size, mtime) for _, size, mtime in found], dtype=np.int64).reshape(-1, 2), ignored
