@@ -190,6 +190,7 @@ def test_samples_are_arrays_a_forked_worker_shares(tmp_path):
     assert len(pickle.dumps(index)) < 10_000  # a few arrays, no object per sample
     picked = ImageFolderIndex.of(tmp_path, ["a", "b"], [("/x/1.jpg", 1), ("/y/2.png", 0)])
     assert list(picked.samples) == [("/x/1.jpg", 1), ("/y/2.png", 0)] and picked.stats is None
+    assert index.paths() == [p for p, _ in index.samples] and picked.paths() == ["/x/1.jpg", "/y/2.png"]
 
 
 def test_the_walk_in_processes_lists_what_the_walk_in_one_does(tmp_path, monkeypatch):

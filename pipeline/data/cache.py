@@ -63,7 +63,7 @@ def cache_key(index: ImageFolderIndex, side: int) -> str:
     digest = hashlib.sha1(os.fsencode(f"v{CACHE_VERSION} side {side} {index.prefix}\n"))
     stats = index.stats
     if stats is None:  # an index of picked files, not scanned: stat them now
-        stats = np.array([(st.st_size, st.st_mtime_ns) for st in map(os.stat, map(index.path, range(len(index))))])
+        stats = np.array([(st.st_size, st.st_mtime_ns) for st in map(os.stat, index.paths())])
     for part in (index.names, index.offsets, index.labels, stats.astype(np.int64)):
         digest.update(np.ascontiguousarray(part).tobytes())
     return digest.hexdigest()[:16]

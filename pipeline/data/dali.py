@@ -37,7 +37,8 @@ class DALILoader:
     (seed, epoch) alone, as in the tv2 loader, and a file DALI cannot decode can be named."""
 
     def __init__(self, index: ImageFolderIndex, spec: LoaderSpec):
-        unsupported = [p for p, _ in index.samples if Path(p).suffix.lower() in UNSUPPORTED]
+        self._samples = list(zip(index.paths(), index.labels.tolist()))  # DALI's reader takes a list of files
+        unsupported = [p for p, _ in self._samples if Path(p).suffix.lower() in UNSUPPORTED]
         if unsupported:
             more = f" and {len(unsupported) - 1} more" if len(unsupported) > 1 else ""
             raise DataError(
@@ -77,7 +78,7 @@ class DALILoader:
     def epoch_files(self) -> tuple[list[str], list[int]]:
         """The whole epoch's file order (all ranks): training shuffles by (seed, epoch), as tv2 does.
         A file found undecodable (`on_error: skip`) is replaced by the next good one in the order."""
-        samples = self.index.samples
+        samples = self._samples
         if self.spec.train:
             order, _ = sample_seeds(self.spec.seed, self.epoch, len(samples))
             samples = [samples[i] for i in order[: self._n].tolist()]
