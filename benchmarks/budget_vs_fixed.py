@@ -4,11 +4,14 @@ For each budget: the speeds of the stages file's setup are measured once on this
 does); the planned run (the ramp-then-settle policy) and the fixed run (the same policy with every
 epoch at the final size) are each given the budget less the time the measuring took, their epochs
 chosen from the same speeds; then both are trained, back to back, each re-planned after every epoch
-as `run --budget` does (`--no-replan`: as planned at the start). For each: the epochs, the predicted
-and the actual wall seconds (measuring included) against the budget, the re-plans, and the final top-1.
+as `run --budget` does (`--no-replan`: as planned at the start). `--anchors ffcv,composer` adds runs of
+those schedules' shapes (benchmarks/progressive_vs_fixed.py's), their epochs chosen the same way to fill
+the same budget. For each: the epochs, the predicted and the actual wall seconds (measuring included)
+against the budget, the re-plans, and the final top-1.
 
     python benchmarks/budget_vs_fixed.py [stages.yaml] [--data IMAGEFOLDER_ROOT] [--budgets 1m,2m,4m]
-        [--seed 0] [--start-size N] [--no-replan] [--set KEY=VALUE] [--out runs/budget-vs-fixed]
+        [--seed 0] [--start-size N] [--no-replan] [--anchors ffcv,composer] [--set KEY=VALUE]
+        [--out runs/budget-vs-fixed]
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline.budget import choose_plan, parse_duration, plan_budget  # noqa: E402
+from progressive_vs_fixed import shape_stages  # noqa: E402
+
+from pipeline.budget import choose_plan, parse_duration, plan_budget, policy_stages  # noqa: E402
 from pipeline.commands.compare import load_run  # noqa: E402
 from pipeline.config import load_config, parse_config  # noqa: E402
 from pipeline.data import scan_datasets  # noqa: E402
@@ -43,6 +49,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-size", type=int, default=None, help="the planned ramp's start (default: half)")
     parser.add_argument("--no-replan", action="store_true", help="keep each run's plan (no re-planning)")
+    parser.add_argument("--anchors", default="", help="schedule shapes also run at each budget: ffcv,composer")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/budget-vs-fixed"))
     args = parser.parse_args()
@@ -51,6 +58,10 @@ def main() -> None:
     cfg = load_config(args.file, [*args.overrides, *data, f"run.seed={args.seed}"])
     datasets = scan_datasets(cfg.data)
     final = max(stage.largest_size for stage in cfg.stages)
+    anchors = [a.strip() for a in args.anchors.split(",") if a.strip()]
+    for name in anchors:
+        if name not in ("ffcv", "composer"):
+            raise SystemExit(f"--anchors: unknown shape {name!r} (known: ffcv, composer)")
     rows = []
     for text in args.budgets.split(","):
         budget = parse_duration(text)
@@ -58,8 +69,15 @@ def main() -> None:
         planned, speeds = plan_budget(cfg.raw, budget, start=args.start_size, measuring_counts=True)
         spent = time.perf_counter() - begin
         print("\n".join(planned.reasons))
-        fixed = choose_plan(cfg.raw, speeds, budget - spent, final, len(datasets.train), len(datasets.val), final)
-        for name, plan in (("planned", planned), ("fixed", fixed)):
+        images = len(datasets.train), len(datasets.val)
+        runs = {"planned": planned, "fixed": choose_plan(cfg.raw, speeds, budget - spent, final, *images, final)}
+        for name in anchors:  # the shape over the run at the final size alone: its stages' keys, any length
+
+            def shape(epochs: int, name: str = name) -> list[dict]:
+                return shape_stages(policy_stages(cfg.raw, max(epochs, 2), final, final), name)
+
+            runs[name] = choose_plan(cfg.raw, speeds, budget - spent, final, *images, final, shape=shape)
+        for name, plan in runs.items():
             plan.raw["run"]["name"] = f"{name}-{text}"
             start = time.perf_counter()
             replanner = Replanner(speeds, budget, start - spent, len(datasets.val))

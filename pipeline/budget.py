@@ -19,6 +19,7 @@ import math
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,12 +184,14 @@ def choose_plan(
     train_images: int,
     val_images: int,
     start: int | None = None,
+    shape: Callable[[int], list[dict]] | None = None,
 ) -> BudgetPlan:
-    """The most epochs, by the policy, whose predicted time fits `budget_s`."""
+    """The most epochs, by the policy (or `shape(epochs)`: another schedule's stages), whose predicted
+    time fits `budget_s`."""
 
     def candidate(epochs: int) -> BudgetPlan:
         planned = copy.deepcopy(raw)
-        planned["stages"] = policy_stages(raw, epochs, final, start)
+        planned["stages"] = shape(epochs) if shape is not None else policy_stages(raw, epochs, final, start)
         seconds = predict(parse_config(planned), speeds, train_images, val_images)
         return BudgetPlan(planned, epochs, seconds, speeds.start_s)
 

@@ -110,10 +110,13 @@ def test_dali_epoch_setup():
 
 def test_budget_vs_fixed(tiny_config, write_yaml, tmp_path):
     out = tmp_path / "bvf"
-    text = run_script("budget_vs_fixed.py", write_yaml(tiny_config), "--budgets", "10s", "--out", out)
+    text = run_script(
+        "budget_vs_fixed.py", write_yaml(tiny_config), "--budgets", "10s", "--anchors", "ffcv", "--out", out
+    )
     rows = json.loads((out / "budget_vs_fixed.json").read_text())["rows"]
-    assert [r["run"] for r in rows] == ["planned", "fixed"]
-    planned, fixed = rows
+    assert [r["run"] for r in rows] == ["planned", "fixed", "ffcv"]
+    planned, fixed, ffcv = rows
+    assert ffcv["planned_stages"][0][0] == 16 and ffcv["planned_stages"][-1][0] == 24  # 0.83x the final size, then it
     assert planned["stages"][-1][0] == fixed["stages"][-1][0] == 24 and {s[0] for s in fixed["stages"]} == {24}
     assert all(r["predicted_s"] <= 10 and r["wall_s"] > 0 and r["epochs"] >= 1 for r in rows)
     assert "| 10s | planned |" in text

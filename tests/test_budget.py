@@ -83,6 +83,23 @@ def test_the_start_is_half_the_final_size_only_where_that_pays(tiny_config):
     assert format_plan(BudgetPlan(plan.raw, plan.epochs, plan.stage_seconds, 5.0, reasons=(why,)), 60.0).startswith(why)
 
 
+def test_another_schedule_shape_fills_the_same_budget(tiny_config):
+    raw = raw_config(tiny_config)
+    fixed = choose_plan(raw, SPEEDS, 200.0, 64, 1000, 200, 64)
+
+    def small_first(epochs):  # a stage at 32 px, then the rest at 64 px
+        return [{"img_size": 32, "batch_size": 10, "epochs": 1}, {"img_size": 64, "batch_size": 10, "epochs": epochs}]
+
+    shaped = choose_plan(raw, SPEEDS, 200.0, 64, 1000, 200, shape=small_first)
+    assert [s["img_size"] for s in shaped.raw["stages"]] == [32, 64]
+    assert shaped.raw["stages"][1]["epochs"] == shaped.epochs  # the shape's own length, from the search
+    assert shaped.seconds <= 200.0
+    longer = copy.deepcopy(shaped.raw)
+    longer["stages"][1]["epochs"] += 1
+    assert sum(predict(parse_config(longer), SPEEDS, 1000, 200)) + SPEEDS.start_s > 200.0  # the most that fits
+    assert fixed.epochs - 1 <= shaped.epochs <= fixed.epochs  # one epoch at 32 px in place of one at 64 px
+
+
 def test_a_ramp_is_planned_only_where_it_buys_enough_more_epochs(tiny_config):
     raw = raw_config(tiny_config)
     ramp, fixed = (choose_plan(raw, SPEEDS, 200.0, 64, 1000, 200, start) for start in (32, 64))
