@@ -35,6 +35,7 @@ from pipeline.budget import choose_plan, parse_duration, plan_budget, policy_sta
 from pipeline.commands.compare import load_run  # noqa: E402
 from pipeline.config import load_config, parse_config  # noqa: E402
 from pipeline.data import scan_datasets  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.replan import Replanner, actual_seconds  # noqa: E402
 from pipeline.train.run import RunHooks, run_training  # noqa: E402
 
@@ -62,7 +63,7 @@ def main() -> None:
     for name in anchors:
         if name not in ("ffcv", "composer"):
             raise SystemExit(f"--anchors: unknown shape {name!r} (known: ffcv, composer)")
-    rows = []
+    rows, skipped = [], []
     for text in args.budgets.split(","):
         budget = parse_duration(text)
         begin = time.perf_counter()
@@ -70,13 +71,19 @@ def main() -> None:
         spent = time.perf_counter() - begin
         print("\n".join(planned.reasons))
         images = len(datasets.train), len(datasets.val)
-        runs = {"planned": planned, "fixed": choose_plan(cfg.raw, speeds, budget - spent, final, *images, final)}
-        for name in anchors:  # the shape over the run at the final size alone: its stages' keys, any length
+        runs = {"planned": planned}
+        for name in ["fixed", *anchors]:  # an anchor: its shape over the run at the final size, any length
 
             def shape(epochs: int, name: str = name) -> list[dict]:
                 return shape_stages(policy_stages(cfg.raw, max(epochs, 2), final, final), name)
 
-            runs[name] = choose_plan(cfg.raw, speeds, budget - spent, final, *images, final, shape=shape)
+            try:
+                runs[name] = choose_plan(
+                    cfg.raw, speeds, budget - spent, final, *images, final, shape=None if name == "fixed" else shape
+                )
+            except ConfigError as e:  # its shortest run does not fit: said, and the others still run
+                print(f"{name} {text}: not run: {e}", flush=True)
+                skipped.append({"budget": text, "run": name, "why": str(e)})
         for name, plan in runs.items():
             plan.raw["run"]["name"] = f"{name}-{text}"
             start = time.perf_counter()
@@ -118,8 +125,11 @@ def main() -> None:
             f"| {r['budget']} | {r['run']} | {planned} | {trained} | {r['predicted_s']:.0f} | {r['wall_s']:.0f} | "
             f"{r['wall_s'] / r['budget_s']:.2f} | {r['final_top1']:.2f}% |"
         )
+    for r in skipped:
+        print(f"not run: {r['run']} at {r['budget']}: {r['why']}")
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"seed": args.seed, "rows": rows, "speeds": dataclasses.asdict(speeds), "machine": platform.platform()}
+    report = {"seed": args.seed, "rows": rows, "not_run": skipped, "speeds": dataclasses.asdict(speeds)}
+    report["machine"] = platform.platform()
     (args.out / "budget_vs_fixed.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out / 'budget_vs_fixed.json'}")
 

@@ -167,3 +167,48 @@ def test_scan_scale(tmp_path):
     for layout in ("workers_arrays", "workers_list"):
         assert row[layout]["rss_start_mib"] > 0 and "rss_growth_pct" in row[layout]
     assert "| 600 |" in stdout and "first scan (s)" in stdout
+
+
+STAND_IN = '''"""A stand-in for timm's train.py: records its arguments, writes a summary.csv as timm's does."""
+import json, sys
+from pathlib import Path
+
+argv = sys.argv[1:]
+out = Path(argv[argv.index("--output") + 1]) / argv[argv.index("--experiment") + 1]
+out.mkdir(parents=True)
+(out / "argv.json").write_text(json.dumps(argv))
+top1 = 70.0 if "--train-img-sizes" in argv else 80.0
+rows = ["epoch,train_loss,eval_loss,eval_top1,eval_top5,lr", f"0,2.0,1.9,{top1 - 20},90.0,0.1"]
+(out / "summary.csv").write_text("\\n".join([*rows, f"1,1.0,0.9,{top1},99.0,0.01"]) + "\\n")
+'''
+
+
+def test_timm_sampler(tiny_data, tmp_path):
+    """The runs, table and report, with a stand-in for timm's train.py (which the pip package lacks)."""
+    train_py = tmp_path / "train.py"
+    train_py.write_text(STAND_IN)
+    out = tmp_path / "out"
+    stdout = run_script("timm_sampler.py", f"tiny={tiny_data}", "--train-py", train_py, "--seeds", "0,1", "--out", out)
+    rows = json.loads((out / "timm_sampler.json").read_text())["rows"]
+    assert [(r["variant"], r["seed"], r["final_top1"]) for r in rows] == [
+        ("fixed", 0, 80.0), ("sampler", 0, 70.0), ("fixed", 1, 80.0), ("sampler", 1, 70.0)
+    ]  # fmt: skip
+    assert rows[1]["per_epoch"] == [50.0, 70.0]
+    sampler = json.loads((out / "tiny" / "sampler-s1" / "argv.json").read_text())
+    fixed = json.loads((out / "tiny" / "fixed-s1" / "argv.json").read_text())
+    at = sampler.index("--train-img-sizes")
+    assert sampler[at + 1 : at + 6] == ["32", "40", "48", "56", "64"] and sampler[at + 6 :][:2] == [
+        "--train-size-schedule", "progressive"
+    ]  # fmt: skip
+    assert "--train-img-sizes" not in fixed and fixed[fixed.index("--num-classes") + 1] == "10"
+    assert fixed[fixed.index("--mixup-off-epoch") + 1] == "9" and fixed[fixed.index("--seed") + 1] == "1"
+    assert "| tiny | sampler | 70.00% (70.0 / 70.0) | -10.00 |" in stdout
+
+
+def test_timm_sampler_without_train_py(tiny_data, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "timm_sampler.py"), f"tiny={tiny_data}", "--train-py", tmp_path / "no.py"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "--train-py" in proc.stderr and "no.py" in proc.stderr
