@@ -42,6 +42,24 @@ from pipeline.train.run import RunHooks, run_training  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def other_plans(raw: dict, speeds, seconds: float, final: int, images: tuple[int, int], anchors: list[str]):
+    """The fixed run's plan and each anchor's (its shape over the run at the final size, any length),
+    filled to `seconds`; a shape whose shortest run does not fit is left out, with the planner's reason,
+    and the others still run."""
+    runs, not_run = {}, {}
+    for name in ["fixed", *anchors]:
+
+        def shape(epochs: int, name: str = name) -> list[dict]:
+            return shape_stages(policy_stages(raw, max(epochs, 2), final, final), name)
+
+        try:
+            fill = None if name == "fixed" else shape
+            runs[name] = choose_plan(raw, speeds, seconds, final, *images, final, shape=fill)
+        except ConfigError as e:
+            not_run[name] = str(e)
+    return runs, not_run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("file", nargs="?", type=Path, default=ROOT / "stages.yaml")
@@ -71,20 +89,11 @@ def main() -> None:
         spent = time.perf_counter() - begin
         print("\n".join(planned.reasons))
         images = len(datasets.train), len(datasets.val)
-        runs = {"planned": planned}
-        for name in ["fixed", *anchors]:  # an anchor: its shape over the run at the final size, any length
-
-            def shape(epochs: int, name: str = name) -> list[dict]:
-                return shape_stages(policy_stages(cfg.raw, max(epochs, 2), final, final), name)
-
-            try:
-                runs[name] = choose_plan(
-                    cfg.raw, speeds, budget - spent, final, *images, final, shape=None if name == "fixed" else shape
-                )
-            except ConfigError as e:  # its shortest run does not fit: said, and the others still run
-                print(f"{name} {text}: not run: {e}", flush=True)
-                skipped.append({"budget": text, "run": name, "why": str(e)})
-        for name, plan in runs.items():
+        runs, not_run = other_plans(cfg.raw, speeds, budget - spent, final, images, anchors)
+        for name, why in not_run.items():
+            print(f"{name} {text}: not run: {why}", flush=True)
+            skipped.append({"budget": text, "run": name, "why": why})
+        for name, plan in {"planned": planned, **runs}.items():
             plan.raw["run"]["name"] = f"{name}-{text}"
             start = time.perf_counter()
             replanner = Replanner(speeds, budget, start - spent, len(datasets.val))

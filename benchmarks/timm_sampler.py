@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -70,6 +71,23 @@ def classes(data: Path) -> int:
     return sum(1 for p in (data / "train").iterdir() if p.is_dir())
 
 
+def table(rows: list[dict], names: list[str]) -> list[str]:
+    """The markdown table: per dataset and variant, the mean final top-1, each seed's, and the wall."""
+    lines = ["| dataset | variant | final top-1 (each seed) | vs fixed | wall s (mean) |", "|---|---|---|---|---|"]
+    for name in names:
+        means = {}
+        for variant in VARIANTS:
+            mine = [r for r in rows if (r["dataset"], r["variant"]) == (name, variant)]
+            if not mine:
+                continue
+            means[variant] = sum(r["final_top1"] for r in mine) / len(mine)
+            each = " / ".join(f"{r['final_top1']:.1f}" for r in mine)
+            vs = f"{means[variant] - means['fixed']:+.2f}" if variant != "fixed" and "fixed" in means else ""
+            wall = sum(r["wall_s"] for r in mine) / len(mine)
+            lines.append(f"| {name} | {variant} | {means[variant]:.2f}% ({each}) | {vs} | {wall:.0f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("datasets", nargs="+", help="NAME=DIR, each a folder with train/ and val/")
@@ -81,16 +99,34 @@ def main() -> None:
     args = parser.parse_args()
     if not args.train_py.is_file():
         parser.exit(2, f"--train-py: {args.train_py} is not a file (timm's train.py from a source snapshot)\n")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    rows = []
-    for spec in args.datasets:
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.exit(2, f"--seeds: {args.seeds!r} is not a comma-separated list of integers\n")
+    if args.epochs < 1 or args.final < 16:
+        parser.exit(2, f"--epochs must be at least 1 and --final at least 16 (got {args.epochs}, {args.final})\n")
+    datasets = {}
+    for spec in args.datasets:  # every folder checked before the first run
         name, _, path = spec.partition("=")
         data = Path(path)
-        if not (data / "train").is_dir() or not (data / "val").is_dir():
+        if not name or not (data / "train").is_dir() or not (data / "val").is_dir():
             parser.exit(2, f"{spec}: needs NAME=DIR with DIR/train and DIR/val\n")
+        if name in datasets:
+            parser.exit(2, f"{spec}: the name {name!r} is given twice\n")
+        datasets[name] = data
+    rows: list[dict] = []
+    report_path = args.out / "timm_sampler.json"
+
+    def write_report() -> None:  # after every run, so a failure later loses none of them
+        args.out.mkdir(parents=True, exist_ok=True)
+        report = {"rows": rows, "epochs": args.epochs, "sizes": sizes(args.final), "machine": platform.platform()}
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+
+    for name, data in datasets.items():
         for seed in seeds:
             for variant in VARIANTS:
                 out = args.out / name
+                shutil.rmtree(out / f"{variant}-s{seed}", ignore_errors=True)  # timm appends to a folder it finds
                 cmd = timm_command(args.train_py, data, variant, seed, args.epochs, args.final, out)
                 cmd += ["--num-classes", str(classes(data))]
                 start = time.perf_counter()
@@ -100,28 +136,16 @@ def main() -> None:
                 log.parent.mkdir(parents=True, exist_ok=True)
                 log.write_text(proc.stdout + proc.stderr)
                 if proc.returncode:
+                    write_report()
                     parser.exit(2, f"{name} {variant} seed {seed}: timm's train.py failed, see {log}\n")
                 top1, per_epoch = final_top1(out / f"{variant}-s{seed}" / "summary.csv")
                 rows.append({"dataset": name, "variant": variant, "seed": seed, "final_top1": top1})
                 rows[-1].update(per_epoch=per_epoch, wall_s=round(wall, 1))
+                write_report()
                 print(f"{name} {variant} seed {seed}: {top1:.2f}% in {wall:.0f} s", flush=True)
     print(f"\n{args.epochs} epochs, seeds {args.seeds}; means over the seeds")
-    print("| dataset | variant | final top-1 (each seed) | vs fixed | wall s (mean) |")
-    print("|---|---|---|---|---|")
-    for spec in args.datasets:
-        name = spec.partition("=")[0]
-        means = {}
-        for variant in VARIANTS:
-            mine = [r for r in rows if (r["dataset"], r["variant"]) == (name, variant)]
-            means[variant] = sum(r["final_top1"] for r in mine) / len(mine)
-            each = " / ".join(f"{r['final_top1']:.1f}" for r in mine)
-            vs = "" if variant == "fixed" else f"{means[variant] - means['fixed']:+.2f}"
-            wall = sum(r["wall_s"] for r in mine) / len(mine)
-            print(f"| {name} | {variant} | {means[variant]:.2f}% ({each}) | {vs} | {wall:.0f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"rows": rows, "epochs": args.epochs, "sizes": sizes(args.final), "machine": platform.platform()}
-    (args.out / "timm_sampler.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out / 'timm_sampler.json'}")
+    print("\n".join(table(rows, list(datasets))))
+    print(f"wrote {report_path}")
 
 
 if __name__ == "__main__":

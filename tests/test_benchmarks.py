@@ -205,10 +205,60 @@ def test_timm_sampler(tiny_data, tmp_path):
     assert "| tiny | sampler | 70.00% (70.0 / 70.0) | -10.00 |" in stdout
 
 
-def test_timm_sampler_without_train_py(tiny_data, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "timm_sampler.py"), f"tiny={tiny_data}", "--train-py", tmp_path / "no.py"],
-        capture_output=True,
-        text=True,
+def test_timm_sampler_again_into_the_same_out_replaces_its_runs(tiny_data, tmp_path):
+    train_py = tmp_path / "train.py"
+    train_py.write_text(STAND_IN)
+    out = tmp_path / "out"
+    for _ in range(2):  # timm appends to an experiment folder it finds: each run starts from none
+        run_script("timm_sampler.py", f"tiny={tiny_data}", "--train-py", train_py, "--seeds", "0", "--out", out)
+    rows = json.loads((out / "timm_sampler.json").read_text())["rows"]
+    assert [(r["variant"], r["per_epoch"]) for r in rows] == [("fixed", [60.0, 80.0]), ("sampler", [50.0, 70.0])]
+
+
+def timm_sampler_refused(*args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(BENCHMARKS / "timm_sampler.py"), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def test_timm_sampler_bad_input_is_one_line_and_exit_2(tiny_data, tmp_path):
+    train_py = tmp_path / "train.py"
+    train_py.write_text(STAND_IN)
+    assert "no.py" in timm_sampler_refused(f"tiny={tiny_data}", "--train-py", tmp_path / "no.py").stderr
+    bad = timm_sampler_refused(f"tiny={tiny_data}", "--train-py", train_py, "--seeds", "0,a", "--out", tmp_path)
+    assert "--seeds" in bad.stderr
+    # a second folder that is not there is refused before the first one's runs start
+    none = tmp_path / "none"
+    missing = timm_sampler_refused(f"a={tiny_data}", f"b={none}", "--train-py", train_py, "--out", tmp_path)
+    assert "b=" in missing.stderr and not (tmp_path / "a").exists()
+    twice = timm_sampler_refused(f"a={tiny_data}", f"a={tiny_data}", "--train-py", train_py, "--out", tmp_path)
+    assert "twice" in twice.stderr
+
+
+def test_timm_sampler_keeps_the_finished_runs_when_one_fails(tiny_data, tmp_path):
+    train_py = tmp_path / "train.py"
+    train_py.write_text(STAND_IN + 'if "--train-img-sizes" in argv:\n    sys.exit(1)\n')
+    out = tmp_path / "out"
+    proc = timm_sampler_refused(f"tiny={tiny_data}", "--train-py", train_py, "--seeds", "0", "--out", out)
+    assert "tiny sampler seed 0: timm's train.py failed" in proc.stderr
+    rows = json.loads((out / "timm_sampler.json").read_text())["rows"]
+    assert [(r["variant"], r["final_top1"]) for r in rows] == [("fixed", 80.0)]
+
+
+def test_budget_vs_fixed_runs_the_shapes_that_fit_and_says_which_do_not(tiny_config):
+    """An anchor's shortest run is 2 epochs: in a budget of one epoch it is left out with the planner's
+    reason, and the fixed run is still planned."""
+    from test_budget import SPEEDS, raw_config
+
+    spec = importlib.util.spec_from_file_location("budget_vs_fixed", BENCHMARKS / "budget_vs_fixed.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    raw = raw_config(tiny_config)
+    runs, not_run = script.other_plans(raw, SPEEDS, 15.0, 64, (1000, 200), ["ffcv", "composer"])
+    assert list(runs) == ["fixed"] and runs["fixed"].epochs == 1
+    assert sorted(not_run) == ["composer", "ffcv"] and all(
+        why.startswith("--budget: too short") for why in not_run.values()
     )
-    assert proc.returncode == 2 and "--train-py" in proc.stderr and "no.py" in proc.stderr
+    runs, not_run = script.other_plans(raw, SPEEDS, 25.0, 64, (1000, 200), ["ffcv", "composer"])
+    assert list(runs) == ["fixed", "composer"] and list(not_run) == ["ffcv"] and runs["composer"].epochs == 3
