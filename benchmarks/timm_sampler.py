@@ -40,18 +40,21 @@ def sizes(final: int) -> list[int]:
     return list(range(start, final, 8)) + [final]
 
 
-def timm_command(train_py: Path, data: Path, variant: str, seed: int, epochs: int, final: int, out: Path) -> list[str]:
+def timm_command(
+    train_py: Path, data: Path, classes: int, variant: str, seed: int, epochs: int, final: int, out: Path
+) -> list[str]:
     """timm's train.py command line for one run (`variant` in VARIANTS)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
-    warmup = max(1, epochs // 4)
+    quarter = max(1, epochs // 4)  # the warm-up, and the last epochs without Mixup
     cmd = [sys.executable, str(train_py), str(data), "--train-split", "train", "--val-split", "val"]
+    cmd += ["--num-classes", str(classes)]
     cmd += ["--model", "resnet18", "--img-size", str(final), "--batch-size", "64", "--device", "cpu"]
     cmd += ["--workers", "1", "--epochs", str(epochs), "--seed", str(seed), "--opt", "sgd", "--lr", "0.1"]
     cmd += ["--momentum", "0.9", "--weight-decay", "5e-5", "--sched", "cosine", "--sched-on-updates"]
-    cmd += ["--warmup-epochs", str(warmup), "--warmup-lr", "0.004", "--min-lr", "1e-5", "--cooldown-epochs", "0"]
+    cmd += ["--warmup-epochs", str(quarter), "--warmup-lr", "0.004", "--min-lr", "1e-5", "--cooldown-epochs", "0"]
     cmd += ["--smoothing", "0.1", "--mixup", "0.2", "--cutmix", "1.0", "--mixup-prob", "0.5"]
-    cmd += ["--mixup-switch-prob", "0.5", "--mixup-off-epoch", str(epochs - max(1, epochs // 4))]
+    cmd += ["--mixup-switch-prob", "0.5", "--mixup-off-epoch", str(epochs - quarter)]
     cmd += ["--scale", "0.35", "1.0", "--output", str(out), "--experiment", f"{variant}-s{seed}"]
     if variant == "sampler":
         cmd += ["--train-img-sizes", *map(str, sizes(final)), "--train-size-schedule", "progressive"]
@@ -65,10 +68,6 @@ def final_top1(summary: Path) -> tuple[float, list[float]]:
     if not per_epoch:
         raise ValueError(f"{summary}: no epoch recorded")
     return per_epoch[-1], per_epoch
-
-
-def classes(data: Path) -> int:
-    return sum(1 for p in (data / "train").iterdir() if p.is_dir())
 
 
 def table(rows: list[dict], names: list[str]) -> list[str]:
@@ -123,12 +122,12 @@ def main() -> None:
         report_path.write_text(json.dumps(report, indent=2) + "\n")
 
     for name, data in datasets.items():
+        n_classes = sum(1 for p in (data / "train").iterdir() if p.is_dir())
         for seed in seeds:
             for variant in VARIANTS:
                 out = args.out / name
                 shutil.rmtree(out / f"{variant}-s{seed}", ignore_errors=True)  # timm appends to a folder it finds
-                cmd = timm_command(args.train_py, data, variant, seed, args.epochs, args.final, out)
-                cmd += ["--num-classes", str(classes(data))]
+                cmd = timm_command(args.train_py, data, n_classes, variant, seed, args.epochs, args.final, out)
                 start = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 wall = time.perf_counter() - start
