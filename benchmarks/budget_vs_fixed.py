@@ -80,7 +80,7 @@ def main() -> None:
     anchors = [a.strip() for a in args.anchors.split(",") if a.strip()]
     for name in anchors:
         if name not in ("ffcv", "composer"):
-            raise SystemExit(f"--anchors: unknown shape {name!r} (known: ffcv, composer)")
+            parser.error(f"--anchors: unknown shape {name!r} (known: ffcv, composer)")  # exit 2
     rows, skipped = [], []
     for text in args.budgets.split(","):
         budget = parse_duration(text)

@@ -262,3 +262,10 @@ def test_budget_vs_fixed_runs_the_shapes_that_fit_and_says_which_do_not(tiny_con
     )
     runs, not_run = script.other_plans(raw, SPEEDS, 25.0, 64, (1000, 200), ["ffcv", "composer"])
     assert list(runs) == ["fixed", "composer"] and list(not_run) == ["ffcv"] and runs["composer"].epochs == 3
+
+
+def test_budget_vs_fixed_refuses_an_unknown_anchor(tiny_config, write_yaml):
+    cmd = [sys.executable, str(BENCHMARKS / "budget_vs_fixed.py"), str(write_yaml(tiny_config)), "--anchors", "fastai"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--anchors: unknown shape 'fastai'" in proc.stderr
