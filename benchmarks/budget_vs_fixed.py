@@ -37,6 +37,7 @@ from pipeline.config import load_config, parse_config  # noqa: E402
 from pipeline.data import scan_datasets  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.replan import Replanner, actual_seconds  # noqa: E402
+from pipeline.train.plan import format_epochs, stage_length  # noqa: E402
 from pipeline.train.run import RunHooks, run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def main() -> None:
         for name, plan in {"planned": planned, **runs}.items():
             plan.raw["run"]["name"] = f"{name}-{text}"
             start = time.perf_counter()
-            replanner = Replanner(speeds, budget, start - spent, len(datasets.val))
+            replanner = Replanner(speeds, budget, start - spent, len(datasets.train), len(datasets.val))
             hooks = RunHooks() if args.no_replan else RunHooks(epoch_start=replanner.epoch_start, replan=replanner)
             run_dir = run_training(parse_config(plan.raw), out_dir=args.out, hooks=hooks)
             wall = spent + time.perf_counter() - start
@@ -107,11 +108,11 @@ def main() -> None:
                     "budget": text,
                     "budget_s": budget,
                     "run": name,
-                    "planned_stages": [(s["img_size"], s["epochs"]) for s in plan.raw["stages"]],
+                    "planned_stages": [(s["img_size"], stage_length(s)) for s in plan.raw["stages"]],
                     "reasons": list(plan.reasons),  # why the planner chose it (the planned run's)
-                    "stages": [(s["img_size"], s["epochs"]) for s in trained],
+                    "stages": [(s["img_size"], stage_length(s)) for s in trained],
                     "replans": replanner.records,
-                    "epochs": plan.epochs,
+                    "epochs": plan.length,
                     "predicted_s": round(spent + plan.seconds, 1),
                     "wall_s": round(wall, 1),
                     "stage_s": {
@@ -127,7 +128,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         planned, trained = (
-            " + ".join(f"{'-'.join(map(str, s)) if isinstance(s, list) else s} x {e}" for s, e in r[key])
+            " + ".join(f"{'-'.join(map(str, s)) if isinstance(s, list) else s} x {format_epochs(e)}" for s, e in r[key])
             for key in ("planned_stages", "stages")
         )
         print(

@@ -28,7 +28,7 @@ import torch
 from pipeline.config import STAGE_SIZE_KEYS, Config, parse_config
 from pipeline.errors import ConfigError
 from pipeline.speeds import Speeds, measure_speeds, measurement_config, per_image
-from pipeline.train.plan import RAMP_MULTIPLE, format_duration, plan_run
+from pipeline.train.plan import RAMP_MULTIPLE, format_duration, format_epochs, plan_run, with_last_stage_length
 
 START_RATIO = 0.5  # the ramp starts at this share of the final size
 RAMP_PAYS = 1.3  # a ramp is planned only when its start trains at least this much faster than the final size
@@ -136,16 +136,23 @@ def policy_stages(raw: dict, epochs: int, final: int, start: int | None = None) 
 @dataclass(frozen=True)
 class BudgetPlan:
     raw: dict  # FILE's configuration with the chosen stages
-    epochs: int
+    epochs: int  # of the shape the plan fills (its last stage may have a share of one more: `extra`)
     stage_seconds: list[float]  # predicted, per stage
     start_s: float
     measuring_s: float = 0.0  # the measuring, where it counts against the budget (`run --budget`)
     reasons: tuple[str, ...] = ()  # why the plan starts where it does, what the data's size says
     val_images: int = 0
+    train_images: int = 0
+    extra: float = 0.0  # the share of one more epoch at the final size that fills the rest of the budget
 
     @property
     def seconds(self) -> float:
         return self.start_s + sum(self.stage_seconds)
+
+    @property
+    def length(self) -> float:
+        """Its epochs, the last counted by the share of it trained."""
+        return self.epochs + self.extra
 
 
 def choose_ramp(ramp: BudgetPlan, fixed: BudgetPlan, first: int, final: int) -> tuple[BudgetPlan, str | None]:
@@ -155,13 +162,13 @@ def choose_ramp(ramp: BudgetPlan, fixed: BudgetPlan, first: int, final: int) -> 
     epochs ended 0.6 to 15 points below the final size alone on Fashion-MNIST, the digits task and (a
     slower machine) the demo, and above it on UCI's digits; the one with 1.4x (the demo) ended level.
     The ratio itself moves by up to 16% with the measurement, so the bar is set above the losses."""
-    ratio = ramp.epochs / fixed.epochs
+    ratio = ramp.length / fixed.length
     if ratio >= RAMP_EPOCHS:
         return ramp, None
     return fixed, (
-        f"every epoch at {final} px: a ramp from {first} px would fit {ramp.epochs} epochs in this budget "
-        f"against {fixed.epochs} at {final} px ({ratio:.2f}x, under {RAMP_EPOCHS}x), too few more to make up "
-        "for its smaller sizes"
+        f"every epoch at {final} px: a ramp from {first} px would fit {format_epochs(ramp.length)} epochs in this "
+        f"budget against {format_epochs(fixed.length)} at {final} px ({ratio:.2f}x, under {RAMP_EPOCHS}x), too few "
+        "more to make up for its smaller sizes"
     )
 
 
@@ -187,13 +194,16 @@ def choose_plan(
     shape: Callable[[int], list[dict]] | None = None,
 ) -> BudgetPlan:
     """The most epochs, by the policy (or `shape(epochs)`: another schedule's stages), whose predicted
-    time fits `budget_s`."""
+    time fits `budget_s`; what is left of the budget goes to a share of one more epoch at the final size
+    (the last stage's `last_epoch_share`), so the run ends on its budget, not up to an epoch before it."""
 
-    def candidate(epochs: int) -> BudgetPlan:
+    def candidate(epochs: int, extra: float = 0.0) -> BudgetPlan:
         planned = copy.deepcopy(raw)
         planned["stages"] = shape(epochs) if shape is not None else policy_stages(raw, epochs, final, start)
+        if extra:  # the shapes' stages are whole epochs
+            planned["stages"] = with_last_stage_length(planned["stages"], planned["stages"][-1]["epochs"] + extra)
         seconds = predict(parse_config(planned), speeds, train_images, val_images)
-        return BudgetPlan(planned, epochs, seconds, speeds.start_s)
+        return BudgetPlan(planned, epochs, seconds, speeds.start_s, train_images=train_images, extra=extra)
 
     best = candidate(1)
     if best.seconds > budget_s:
@@ -209,18 +219,25 @@ def choose_plan(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if candidate(mid).seconds <= budget_s else (lo, mid)
-    return candidate(lo)
+    best, low, high = candidate(lo), 0.0, 1.0
+    while high - low > 1e-3:  # the largest share of one more epoch that still fits
+        mid = (low + high) / 2
+        low, high = (mid, high) if candidate(lo, mid).seconds <= budget_s else (low, mid)
+    extra = math.floor(1000 * low) / 1000  # a thousandth, rounded down: it still fits
+    return candidate(lo, extra) if extra > 0 else best
 
 
 def format_plan(plan: BudgetPlan, budget_s: float) -> str:
     """The chosen stages with their predicted seconds, then the total against the budget."""
     rows = [*plan.reasons, f"{'stage':>5} {'size':>7} {'batch':>6} {'epochs':>6} {'predicted':>10}"]
-    for k, (stage, seconds) in enumerate(zip(plan.raw["stages"], plan.stage_seconds)):
+    specs = parse_config(plan.raw).stages
+    for k, (stage, spec, seconds) in enumerate(zip(plan.raw["stages"], specs, plan.stage_seconds)):
         size = stage["img_size"]
         size = f"{size[0]}-{size[1]}" if isinstance(size, list) else str(size)
-        rows.append(f"{k:>5} {size:>7} {stage['batch_size']:>6} {stage['epochs']:>6} {format_duration(seconds):>10}")
+        epochs = format_epochs(spec.length)
+        rows.append(f"{k:>5} {size:>7} {stage['batch_size']:>6} {epochs:>6} {format_duration(seconds):>10}")
     rows.append(
-        f"{plan.epochs} epochs; predicted {format_duration(plan.seconds)}"
+        f"{format_epochs(plan.length)} epochs; predicted {format_duration(plan.seconds)}"
         + (f", {format_duration(plan.measuring_s + plan.seconds)} with the measuring," if plan.measuring_s else "")
         + f" of the {format_duration(budget_s)} budget"
     )

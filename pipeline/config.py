@@ -225,6 +225,12 @@ class StageSpec:
     data: DataConfig = field(default_factory=DataConfig)  # the global `data` with this stage's `data:` keys
     start_size: int | None = None  # `img_size: [start, end]`: a ramp, stepped per epoch from start to end
     val_size: int | None = None  # validation input size (None: the epoch's training size)
+    last_epoch_share: float = 1.0  # the share of its batches the stage's last epoch trains (`run --budget`)
+
+    @property
+    def length(self) -> float:
+        """Its epochs, the last one counted by the share of it trained: 4.4 for 5 epochs, the last at 0.4."""
+        return self.epochs - 1 + self.last_epoch_share
 
     @property
     def largest_size(self) -> int:
@@ -243,7 +249,7 @@ class Config:
 
 
 STAGE_SIZE_KEYS = ("img_size", "batch_size", "epochs")
-STAGE_KEYS = (*STAGE_SIZE_KEYS, "val_size", "data")  # a stage's own keys; the rest override `train`
+STAGE_KEYS = (*STAGE_SIZE_KEYS, "val_size", "last_epoch_share", "data")  # a stage's own keys; the rest override `train`
 SCOPE_KEYS = ("scope",)  # schedule keys set for the whole run only
 # Stage shortcuts for deeper training keys, so a stage can say `lr: 0.1`.
 STAGE_SHORTCUTS = {"lr": ("optimizer", "lr")}
@@ -398,6 +404,8 @@ def _parse_stage(stage: Any, train_raw: dict, path: str) -> StageSpec:
     values["start_size"], values["img_size"] = _stage_sizes(stage["img_size"], f"{path}.img_size")
     if stage.get("val_size") is not None:
         values["val_size"] = _positive_int(stage["val_size"], f"{path}.val_size")
+    if stage.get("last_epoch_share") is not None:
+        values["last_epoch_share"] = _share(stage["last_epoch_share"], f"{path}.last_epoch_share")
     if values["batch_size"] < 2:
         raise ConfigError(f"{path}.batch_size: must be at least 2 (BatchNorm needs two samples per batch)")
     overrides = {k: v for k, v in stage.items() if k not in STAGE_KEYS}
@@ -435,6 +443,13 @@ def _positive_int(value: Any, path: str) -> int:
     number = _coerce(value, int, path)
     if number <= 0:
         raise ConfigError(f"{path}: must be a positive integer, got {number}")
+    return number
+
+
+def _share(value: Any, path: str) -> float:
+    number = _coerce(value, float, path)
+    if not 0 < number <= 1:
+        raise ConfigError(f"{path}: a share of the epoch's batches, in (0, 1]; got {number}")
     return number
 
 

@@ -5,27 +5,46 @@ the seconds each stage took against the plan's prediction.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline.budget import MAX_EPOCHS, BudgetPlan
+from pipeline.config import parse_config
 from pipeline.speeds import Speeds
-from pipeline.train.plan import EpochPlan, format_duration
+from pipeline.train.plan import (
+    EpochPlan,
+    format_duration,
+    format_epochs,
+    plan_run,
+    stage_length,
+    with_last_stage_length,
+)
 
 
 class Replanner:
     """`run --budget`'s re-planning (the trainer's `replan` hook): after each epoch, how long the epochs so
     far took against their prediction gives a factor for the rest (Ultralytics' `time=` re-derives its
-    epochs each epoch too), and the last stage (at the final size) gets the number of epochs that ends
-    the run nearest the budget. Nothing changes while the predicted end is within `SLACK` of the budget;
-    the run never ends before one more epoch (its schedule has to finish its curve), nor grows after
-    its last planned epoch."""
+    epochs each epoch too), and the last stage (at the final size) gets the length, in whole epochs and a
+    share of one more (`last_epoch_share`), that ends the run on the budget. Nothing changes while the
+    predicted end is within `SLACK` of the budget; the run never ends before `MIN_SHARE` of one more
+    epoch (its schedule has to finish its curve), nor grows after its last planned epoch."""
 
     SLACK = 0.025  # of the budget: half the +-5% the plan is held to
+    MIN_SHARE = 0.25  # of an epoch: the least a run over its budget still trains, to end its schedule
 
-    def __init__(self, speeds: Speeds, budget_s: float, begin: float, val_images: int, clock=time.perf_counter):
-        self.speeds, self.budget_s, self.begin, self.val_images, self.clock = speeds, budget_s, begin, val_images, clock
+    def __init__(
+        self,
+        speeds: Speeds,
+        budget_s: float,
+        begin: float,
+        train_images: int,
+        val_images: int,
+        clock=time.perf_counter,
+    ):
+        self.speeds, self.budget_s, self.begin, self.clock = speeds, budget_s, begin, clock
+        self.train_images, self.val_images = train_images, val_images
         self.first: float | None = None  # when the first epoch began
         self.records: list[dict[str, Any]] = []
 
@@ -44,44 +63,47 @@ class Replanner:
         now = self.clock()
         where = (progress.stage, progress.epoch)
         done = [e for e in plan.epochs if (e.stage, e.epoch) < where]
-        left = plan.epochs[len(done) :]
-        if not left or self.first is None:
+        if len(done) == len(plan.epochs) or self.first is None:
             return None  # the run's last epoch is over: its schedule has ended
         factor = (now - self.first) / max(self.predicted(done), 1e-9)
-        last = len(raw["stages"]) - 1
-        begun = progress.epoch if progress.stage == last else 0  # epochs of the last stage already trained
-        before_last = [e for e in left if e.stage < last]
-        per_epoch = [e for e in left if e.stage == last]  # the last stage: one size, every epoch alike
-        first_last = self.predicted(per_epoch[:1], done[-1] if not before_last else before_last[-1])
-        rest = self.predicted(per_epoch[1:2], per_epoch[0]) if len(per_epoch) > 1 else first_last
-        fixed = now - self.begin + factor * self.predicted(before_last, done[-1])
+        begun = progress.epoch if progress.stage == len(raw["stages"]) - 1 else 0  # of the last stage, trained
 
-        def end(n: int) -> float:  # the predicted wall at the end, with `n` (> `begun`) epochs in the last stage
-            return fixed + factor * (first_last + (n - begun - 1) * rest)
+        def end(length: float) -> float:  # the predicted wall at the end, with the last stage `length` epochs long
+            stages = parse_config({**raw, "stages": with_last_stage_length(raw["stages"], length)}).stages
+            return (
+                now
+                - self.begin
+                + factor * self.predicted(plan_run(stages, self.train_images).epochs[len(done) :], done[-1])
+            )
 
-        current = raw["stages"][-1]["epochs"]
+        current = stage_length(raw["stages"][-1])
         if abs(end(current) - self.budget_s) <= self.SLACK * self.budget_s:
             return None
-        spare = (self.budget_s - fixed) / factor - first_last  # predicted seconds for the last stage's other epochs
-        n = max(begun + 1, min(MAX_EPOCHS, begun + 1 + round(spare / max(rest, 1e-9))))
-        if n == current:
+        low = begun + self.MIN_SHARE
+        if end(low) < self.budget_s:  # the longest last stage that ends within the budget
+            high = max(current, begun + 1.0)
+            while end(high) < self.budget_s and high < MAX_EPOCHS:
+                low, high = high, min(2 * high, MAX_EPOCHS)
+            while high - low > 1e-3:
+                mid = (low + high) / 2
+                low, high = (mid, high) if end(mid) <= self.budget_s else (low, mid)
+        length = math.floor(1000 * low) / 1000
+        if abs(length - current) < 1e-3:
             return None
         self.records.append(
             {
                 "after": [done[-1].stage, done[-1].epoch],
                 "factor": round(factor, 3),
-                "last_stage_epochs": [current, n],
-                "predicted_end_s": round(end(n), 1),
+                "last_stage_epochs": [current, length],
+                "predicted_end_s": round(end(length), 1),
             }
         )
         print(
-            f"re-planning: the epochs so far took {factor:.2f}x their predicted time; {n} epochs at the final "
-            f"size (was {current}) end the run in about {format_duration(end(n))} of the "
-            f"{format_duration(self.budget_s)} budget"
+            f"re-planning: the epochs so far took {factor:.2f}x their predicted time; {format_epochs(length)} epochs "
+            f"at the final size (was {format_epochs(current)}) end the run in about {format_duration(end(length))} of "
+            f"the {format_duration(self.budget_s)} budget"
         )
-        planned = copy.deepcopy(raw)
-        planned["stages"][-1]["epochs"] = n
-        return planned
+        return {**copy.deepcopy(raw), "stages": with_last_stage_length(raw["stages"], length)}
 
 
 def actual_seconds(run_dir: Path, stages: int) -> list[float]:
@@ -113,5 +135,8 @@ def format_outcome(
     for r in replans:
         stage, epoch = r["after"]
         first, then = r["last_stage_epochs"]
-        rows.append(f"re-planned after stage {stage} epoch {epoch}: the last stage {first} -> {then} epochs")
+        rows.append(
+            f"re-planned after stage {stage} epoch {epoch}: the last stage {format_epochs(first)} -> "
+            f"{format_epochs(then)} epochs"
+        )
     return "\n".join(rows)

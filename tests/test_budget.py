@@ -26,7 +26,7 @@ from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
 from pipeline.speeds import Speeds, per_image
-from pipeline.train.plan import plan_run
+from pipeline.train.plan import format_epochs, plan_run
 
 
 @pytest.mark.parametrize(
@@ -109,13 +109,13 @@ def test_a_ramp_is_planned_only_where_it_buys_enough_more_epochs(tiny_config):
     costly = Speeds(train={32: 280.0, 64: 200.0}, val=SPEEDS.val, new_size_s=2.0, epoch_s=6.0, start_s=5.0)
     assert choose_start(costly, 64)[0] == 32
     ramp, fixed = (choose_plan(raw, costly, 200.0, 64, 1000, 200, start) for start in (32, 64))
-    assert fixed.epochs <= ramp.epochs < budget.RAMP_EPOCHS * fixed.epochs
+    assert fixed.length <= ramp.length < budget.RAMP_EPOCHS * fixed.length
     chosen, why = choose_ramp(ramp, fixed, 32, 64)
     assert chosen is fixed and {s["img_size"] for s in chosen.raw["stages"]} == {64}
     assert why == (
-        f"every epoch at 64 px: a ramp from 32 px would fit {ramp.epochs} epochs in this budget against "
-        f"{fixed.epochs} at 64 px ({ramp.epochs / fixed.epochs:.2f}x, under 1.35x), too few more to make up for "
-        "its smaller sizes"
+        f"every epoch at 64 px: a ramp from 32 px would fit {format_epochs(ramp.length)} epochs in this budget "
+        f"against {format_epochs(fixed.length)} at 64 px ({ramp.length / fixed.length:.2f}x, under 1.35x), too few "
+        "more to make up for its smaller sizes"
     )
 
 
@@ -165,10 +165,14 @@ def test_the_prediction_adds_up(tiny_config):
 def test_more_budget_never_means_fewer_epochs_and_the_final_size_is_always_reached(tiny_config):
     raw = raw_config(tiny_config)
     epochs = []
+    # a plan leaves less of its budget than a partial epoch's fixed costs and one batch: a share of one
+    # more epoch at the final size (`last_epoch_share`) takes the rest
+    gap = SPEEDS.epoch_s + SPEEDS.val_seconds(72, 200) + SPEEDS.train_seconds(64, 10)
     for budget_s in range(15, 400, 7):
         plan = choose_plan(raw, SPEEDS, float(budget_s), 64, 1000, 200)
         epochs.append(plan.epochs)
-        assert plan.seconds <= budget_s
+        assert budget_s - gap < plan.seconds <= budget_s
+        assert plan.length == pytest.approx(sum(stage.length for stage in parse_config(plan.raw).stages))
         assert parse_config(plan.raw).stages[-1].img_size == 64
         one_more = copy.deepcopy(raw)
         one_more["stages"] = policy_stages(raw, plan.epochs + 1, 64)

@@ -84,6 +84,18 @@ BAD = [
     ({"stages": [{"img_size": 32, "batch_size": 8, "epochs": 1, "mixup": {"prob": 3}}]}, "stages.0.mixup.prob"),
     ({"stages": [{"img_size": 32, "batch_size": 8, "epochs": 1, "imgsize": 3}]}, "stages.0.imgsize: unknown stage key"),
     ({"stages": [16, 24]}, "stages.0: must be a mapping"),
+    (
+        {"stages": [{"img_size": 32, "batch_size": 8, "epochs": 2, "last_epoch_share": 0}]},
+        "stages.0.last_epoch_share: a share of the epoch's batches, in (0, 1]; got 0",
+    ),
+    (
+        {"stages": [{"img_size": 32, "batch_size": 8, "epochs": 2, "last_epoch_share": 1.5}]},
+        "stages.0.last_epoch_share: a share of the epoch's batches, in (0, 1]; got 1.5",
+    ),
+    (
+        {"stages": [{"img_size": 32, "batch_size": 8, "epochs": 2, "last_epoch_share": "half"}]},
+        "stages.0.last_epoch_share:",
+    ),
     ({"stages": [{"img_size": 32, "batch_size": 1, "epochs": 1}]}, "stages.0.batch_size: must be at least 2"),
     ({"train": {"optimizer": {"name": "adamww"}}}, "train.optimizer.name: unknown optimizer 'adamww'"),
     ({"train": {"optimizer": {"momentum": 0}}}, "train.optimizer.nesterov: Nesterov needs momentum > 0"),

@@ -105,7 +105,7 @@ def run_budget(args: argparse.Namespace) -> int:
     plan, speeds = plan_budget(cfg.raw, budget, args.final_size, args.start_size, measuring_counts=True)
     print(format_plan(plan, budget))
     spent = time.perf_counter() - begin
-    replanner = Replanner(speeds, budget, begin, plan.val_images)
+    replanner = Replanner(speeds, budget, begin, plan.train_images, plan.val_images)
     hooks = RunHooks() if args.no_replan else RunHooks(epoch_start=replanner.epoch_start, replan=replanner)
     run_dir = run_training(parse_config(plan.raw), out_dir=args.out, hooks=hooks)
     total = time.perf_counter() - begin

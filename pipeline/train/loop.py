@@ -121,13 +121,15 @@ def train_epoch(
     save_mid_epoch: SaveMidEpoch | None = None,
     run_status: Callable[[int], str] | None = None,
     batch_px: Callable[[int], int] | None = None,
+    batches: int | None = None,
 ) -> EpochResult:
     """One pass over `loader` (from batch `start` when resumed mid-epoch, with the RNGs `rng` put
-    back). Every `checkpoint_every` seconds, and when a stop is asked for, `save_mid_epoch` checkpoints
-    at an update boundary. `run_status(batches_done)`: the run's progress, shown on the bar.
+    back), or over its first `batches` (a stage's shortened last epoch, `last_epoch_share`). Every
+    `checkpoint_every` seconds, and when a stop is asked for, `save_mid_epoch` checkpoints at an
+    update boundary. `run_status(batches_done)`: the run's progress, shown on the bar.
     `batch_px(batch)`: the size batch `batch` trains at (`train.size_jumps`), resized on the device."""
     world = loop.world
-    n = len(loader)
+    n = len(loader) if batches is None else min(batches, len(loader))
     bar = epoch_bar(n, label, world.is_main)
     bar.update(start)
     partial = partial or {}
@@ -135,11 +137,11 @@ def train_epoch(
     window = MetricsWindow(loop, stage, epoch, train_step, bar, partial)
     t0 = last_save = time.perf_counter()
     due = False  # a checkpoint at the next update boundary (every process agrees on it)
-    batches = iter(loader)  # creating the iterator may draw from torch's RNG:
+    stream = iter(loader)  # creating the iterator may draw from torch's RNG:
     if rng is not None:  # a resumed epoch puts the RNGs back after it
         set_rng_state(rng, loop.device)
     try:
-        for batch_idx, (x, y) in enumerate(batches, start=start):
+        for batch_idx, (x, y) in enumerate(stream, start=start):
             lr, momentum = current_lr_momentum(optimizer)
             if batch_px is not None:
                 x = resize_batch(x, batch_px(batch_idx))
@@ -165,6 +167,8 @@ def train_epoch(
                 if loop.stop.agree(False, loop.device):  # a stop asked for, on any process: all stop here
                     where = f"stage {stage}, epoch {epoch}, batch {batch_idx + 1} of {n}"
                     raise loop.stop.stopped(loop.run_dir, where)
+            if last:  # a shortened epoch ends before the loader does
+                break
     finally:
         bar.close()  # clears the bar, so an error message starts on a line of its own
     return EpochResult(before + time.perf_counter() - t0, images, window.loss_sum / max(window.batches, 1))

@@ -5,6 +5,7 @@ The schedule, the run's progress and ETA, resume checks and run folders all read
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from dataclasses import asdict, dataclass, replace
@@ -177,8 +178,9 @@ def plan_run(stages: list[StageSpec], train_size: int, world_size: int = 1) -> R
     epochs = []
     for k, stage in enumerate(stages):
         batch = train_batch_size(stage, world_size)
-        batches = per_rank // batch if batch > 0 else 0
+        full = per_rank // batch if batch > 0 else 0
         for epoch in range(stage.epochs):
+            batches = last_epoch_batches(full, stage.last_epoch_share) if epoch == stage.epochs - 1 else full
             epochs.append(
                 EpochPlan(
                     stage=k,
@@ -194,6 +196,17 @@ def plan_run(stages: list[StageSpec], train_size: int, world_size: int = 1) -> R
                 )
             )
     return RunPlan(tuple(mix_size_jumps(epochs, stages[0].train.size_jumps if stages else None)))
+
+
+def last_epoch_batches(batches: int, share: float) -> int:
+    """The batches of a stage's last epoch that trains `share` of its `batches` (at least one)."""
+    return min(batches, max(1, round(share * batches))) if share < 1 else batches
+
+
+def describe_epochs(stage: StageSpec, batches: int) -> str:
+    """`2 epochs x 6 steps`, and `(the last epoch 3)` when its last epoch is shortened."""
+    last = last_epoch_batches(batches, stage.last_epoch_share)
+    return f"{stage.epochs} epochs x {batches} steps" + (f" (the last epoch {last})" if last < batches else "")
 
 
 def is_jump(size: int, following: int, jumps: SizeJumpConfig) -> bool:
@@ -234,6 +247,31 @@ def describe_jumps(plan: RunPlan, k: int) -> str:
         where = "" if len(anchored) == len(epochs) else f" in {len(anchored)} of its {len(epochs)} epochs"
         jumps.append(f"{round(100 * e.final_share)}% of batches at the final {e.final_size} px{where}")
     return f"stage {k}: " + "; ".join(jumps) + " (train.size_jumps)" if jumps else ""
+
+
+def with_last_stage_length(stages: list[dict], length: float) -> list[dict]:
+    """`stages` with the last one `length` epochs long: whole epochs, then a share of one more
+    (`last_epoch_share`, to a thousandth)."""
+    stages = copy.deepcopy(stages)
+    length = round(length, 3)
+    last = stages[-1]
+    last["epochs"] = max(1, math.ceil(length))
+    share = round(length - (last["epochs"] - 1), 3)
+    if 0 < share < 1:
+        last["last_epoch_share"] = share
+    else:
+        last.pop("last_epoch_share", None)
+    return stages
+
+
+def stage_length(stage: dict) -> float:
+    """A raw stage's epochs, its last counted by the share of it trained (`StageSpec.length`)."""
+    return stage["epochs"] - 1 + float(stage.get("last_epoch_share", 1.0))
+
+
+def format_epochs(length: float) -> str:
+    """`5`, or `4.37` for a run or stage whose last epoch trains a share of its batches."""
+    return f"{length:.0f}" if abs(length - round(length)) < 5e-4 else f"{length:.2f}"
 
 
 def format_duration(seconds: float) -> str:

@@ -153,7 +153,7 @@ class Trainer:
             self.hooks.epoch_start(k, epoch)
         loader, train_step = parts.train_loader, parts.train_step
         loader.set_epoch(epoch, start_batch=start)
-        train_step.start_epoch(len(loader), start)
+        train_step.start_epoch(planned.batches, start)
         updates_before = train_step.optimizer_steps
 
         def save_mid_epoch(batches_done: int, partial: dict[str, float]) -> None:
@@ -175,6 +175,7 @@ class Trainer:
             save_mid_epoch=save_mid_epoch,
             run_status=lambda done: self.plan.status(k, epoch, done, self.tick(progress)),
             batch_px=(lambda b: planned.batch_px(self.ctx.cfg.run.seed, b)) if len(planned.train_sizes) > 1 else None,
+            batches=planned.batches,
         )
         expected = planned.updates - start // parts.train_cfg.accum_steps
         updates = train_step.optimizer_steps - updates_before

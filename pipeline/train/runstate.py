@@ -47,7 +47,7 @@ def run_checkpoint(ctx: RunContext, parts: StageParts, progress: Progress, plan:
 def take_plan(ctx: RunContext, parts: StageParts, progress: Progress, old: RunPlan, raw: dict) -> RunPlan:
     """Make `raw` the run's configuration mid-stage (`parts`): returns its plan, with `ctx.cfg`, the
     stage and its schedule brought to it, and the change recorded in `progress.replans`."""
-    k = parts.index
+    k, old_cfg = parts.index, ctx.cfg
     ctx.cfg = parse_config(raw)
     plan = plan_run(ctx.cfg.stages, len(ctx.datasets.train), ctx.world.world_size)
     done = [e for e in old.epochs if (e.stage, e.epoch) < (progress.stage, progress.epoch)]
@@ -58,10 +58,15 @@ def take_plan(ctx: RunContext, parts: StageParts, progress: Progress, old: RunPl
         span = schedule_span(plan, k, parts.train_cfg.schedule.scope)
         parts.scheduler = respan_scheduler(parts.scheduler, parts.optimizer, parts.train_cfg.schedule, span)
         parts.train_step.scheduler = parts.scheduler
-    before, after = ([len(p.of_stage(s)) for s in range(len(ctx.cfg.stages))] for p in (old, plan))
+    before, after = ([_length(s.length) for s in c.stages] for c in (old_cfg, ctx.cfg))
     progress.replans.append({"stage": k, "epoch": progress.epoch, "epochs": after})
     print(f"re-planned after stage {k} epoch {progress.epoch - 1}: epochs per stage {before} -> {after}")
     return plan
+
+
+def _length(epochs: float) -> int | float:
+    """A stage's length as the record shows it: 3, or 2.4 (its last epoch at a share)."""
+    return int(epochs) if epochs == int(epochs) else round(epochs, 3)
 
 
 def replanned_config(cfg: Config, saved: dict, train_size: int, world_size: int) -> tuple[Config, RunPlan]:

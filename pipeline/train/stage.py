@@ -16,7 +16,7 @@ from pipeline.distributed import World
 from pipeline.model import FreezePlan, ParamGroups, apply_freeze, optimizer_param_groups
 from pipeline.train.checkpoint import derive_seed
 from pipeline.train.loop import reestimate_bn
-from pipeline.train.plan import EpochPlan, RunPlan, image_size, train_batch_size, validation_size
+from pipeline.train.plan import EpochPlan, RunPlan, describe_epochs, image_size, train_batch_size, validation_size
 from pipeline.train.schedule import build_optimizer, build_scheduler
 from pipeline.train.step import TrainStep, WeightEma, build_train_step, compile_model, resolve_precision
 
@@ -142,7 +142,7 @@ class StageParts:
         return (
             f"stage {self.index}: {sizes}, batch {per_process * world.world_size}"
             + (f" ({per_process} per process)" if world.distributed else "")
-            + f", {stage.epochs} epochs x {batches} steps; amp {train_step.precision.name}, "
+            + f", {describe_epochs(stage, batches)}; amp {train_step.precision.name}, "
             f"compile {compiled}, mixup {'on' if train_step.mixup else 'off'}; "
             f"loader {describe_loader(stage.data, getattr(self.train_loader, 'path', None))}"
             + (f"; frozen {', '.join(self.freeze.frozen)}" if self.freeze.frozen else "")
