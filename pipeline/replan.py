@@ -94,7 +94,7 @@ class Replanner:
             {
                 "after": [done[-1].stage, done[-1].epoch],
                 "factor": round(factor, 3),
-                "last_stage_epochs": [current, length],
+                "last_stage_epochs": [round(current, 3), length],
                 "predicted_end_s": round(end(length), 1),
             }
         )
