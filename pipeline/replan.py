@@ -18,7 +18,6 @@ from pipeline.train.plan import (
     format_duration,
     format_epochs,
     plan_run,
-    stage_length,
     with_last_stage_length,
 )
 
@@ -76,7 +75,7 @@ class Replanner:
                 + factor * self.predicted(plan_run(stages, self.train_images).epochs[len(done) :], done[-1])
             )
 
-        current = stage_length(raw["stages"][-1])
+        current = parse_config(raw).stages[-1].length
         if abs(end(current) - self.budget_s) <= self.SLACK * self.budget_s:
             return None
         low = begun + self.MIN_SHARE

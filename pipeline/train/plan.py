@@ -264,11 +264,6 @@ def with_last_stage_length(stages: list[dict], length: float) -> list[dict]:
     return stages
 
 
-def stage_length(stage: dict) -> float:
-    """A raw stage's epochs, its last counted by the share of it trained (`StageSpec.length`)."""
-    return stage["epochs"] - 1 + float(stage.get("last_epoch_share", 1.0))
-
-
 def format_epochs(length: float) -> str:
     """`5`, or `4.37` for a run or stage whose last epoch trains a share of its batches."""
     return f"{length:.0f}" if abs(length - round(length)) < 5e-4 else f"{length:.2f}"
