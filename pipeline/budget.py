@@ -203,7 +203,9 @@ def choose_plan(
         if extra:  # the shapes' stages are whole epochs
             planned["stages"] = with_last_stage_length(planned["stages"], planned["stages"][-1]["epochs"] + extra)
         seconds = predict(parse_config(planned), speeds, train_images, val_images)
-        return BudgetPlan(planned, epochs, seconds, speeds.start_s, train_images=train_images, extra=extra)
+        return BudgetPlan(
+            planned, epochs, seconds, speeds.start_s, val_images=val_images, train_images=train_images, extra=extra
+        )
 
     best = candidate(1)
     if best.seconds > budget_s:
@@ -225,6 +227,27 @@ def choose_plan(
         low, high = (mid, high) if candidate(lo, mid).seconds <= budget_s else (low, mid)
     extra = math.floor(1000 * low) / 1000  # a thousandth, rounded down: it still fits
     return candidate(lo, extra) if extra > 0 else best
+
+
+def within(plan: BudgetPlan, speeds: Speeds, budget_s: float) -> BudgetPlan:
+    """`plan`, its last stage shortened (to a thousandth of an epoch, never to nothing) until its
+    predicted time fits `budget_s`; as it is where it already fits."""
+    if plan.seconds <= budget_s:
+        return plan
+    stages, last = plan.raw["stages"], parse_config(plan.raw).stages[-1].length
+
+    def shortened(length: float) -> BudgetPlan:
+        raw = {**copy.deepcopy(plan.raw), "stages": with_last_stage_length(stages, length)}
+        total = round(plan.length - last + length, 3)
+        seconds = predict(parse_config(raw), speeds, plan.train_images, plan.val_images)
+        extra = round(total - math.floor(total), 3)
+        return dataclasses.replace(plan, raw=raw, stage_seconds=seconds, epochs=math.floor(total), extra=extra)
+
+    low, high = 1e-3, last
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        low, high = (mid, high) if shortened(mid).seconds <= budget_s else (low, mid)
+    return shortened(math.floor(1000 * low) / 1000)
 
 
 def format_plan(plan: BudgetPlan, budget_s: float) -> str:
@@ -254,10 +277,12 @@ def plan_budget(
     log=print,
 ) -> tuple[BudgetPlan, Speeds]:
     """Measure FILE's setup (`raw`: its resolved configuration) on this machine and choose the stages
-    that fill `budget_s`; with `measuring_counts` (`run --budget`), less the time the measuring took."""
+    that fill `budget_s`; with `measuring_counts` (`run --budget`), less the time the measuring and the
+    choosing took."""
     from pipeline.model import build_model
     from pipeline.train.preflight import prepare
 
+    begin = time.perf_counter()
     cfg = parse_config(raw)
     final = final_size if final_size is not None else max(stage.largest_size for stage in cfg.stages)
     if final < 2 * RAMP_MULTIPLE:
@@ -265,7 +290,6 @@ def plan_budget(
     if start is not None and not RAMP_MULTIPLE <= start <= final:
         raise ConfigError(f"--start-size {start}: must be between {RAMP_MULTIPLE} and the final size ({final} px)")
     measured = measurement_config(raw, final)
-    begin = time.perf_counter()
     device, datasets, num_classes = prepare(measured)
     sizes = candidate_sizes(final, start)
     _check_sizes(build_model(dataclasses.replace(measured.model, pretrained=None), num_classes), sizes, device)
@@ -280,7 +304,10 @@ def plan_budget(
         plan, instead = choose_ramp(plan, fixed, first, final)
         why = instead or why
     reasons = tuple(r for r in (why, native_note(native_size(datasets.train.samples), final)) if r)
-    return dataclasses.replace(plan, measuring_s=measuring, reasons=reasons, val_images=len(datasets.val)), speeds
+    if measuring_counts:  # the choosing took time too: the plan gives it back (twice it: the trim's time as well)
+        choosing = time.perf_counter() - begin - measuring
+        plan = within(plan, speeds, budget_s - measuring - 2 * choosing)
+    return dataclasses.replace(plan, measuring_s=measuring, reasons=reasons), speeds
 
 
 def _check_sizes(model: torch.nn.Module, sizes: list[int], device: torch.device) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import pytest
 import yaml
@@ -21,6 +22,7 @@ from pipeline.budget import (
     parse_duration,
     policy_stages,
     predict,
+    within,
 )
 from pipeline.cli import main
 from pipeline.config import parse_config
@@ -180,6 +182,37 @@ def test_more_budget_never_means_fewer_epochs_and_the_final_size_is_always_reach
             budget.BudgetPlan(one_more, 0, predict(parse_config(one_more), SPEEDS, 1000, 200), 5.0).seconds > budget_s
         )
     assert epochs == sorted(epochs) and epochs[0] >= 1 and epochs[-1] > epochs[0]
+
+
+def test_a_plan_shortened_to_fit_loses_only_its_last_stage_s_tail(tiny_config):
+    raw = raw_config(tiny_config)
+    plan = choose_plan(raw, SPEEDS, 200.0, 64, 1000, 200)
+    assert within(plan, SPEEDS, 200.0) is plan  # it fits: as it is
+    gap = SPEEDS.epoch_s + SPEEDS.val_seconds(72, 200) + SPEEDS.train_seconds(64, 10)
+    for cut in (0.5, plan.stage_seconds[-1] / 3):  # inside the last epoch's share, then across epochs
+        shorter = within(plan, SPEEDS, plan.seconds - cut)
+        assert plan.seconds - cut - gap < shorter.seconds <= plan.seconds - cut
+        stages = parse_config(shorter.raw).stages
+        assert shorter.length < plan.length and shorter.length == pytest.approx(sum(s.length for s in stages))
+        assert shorter.raw["stages"][:-1] == plan.raw["stages"][:-1] and stages[-1].img_size == 64
+        assert shorter.stage_seconds == pytest.approx(predict(parse_config(shorter.raw), SPEEDS, 1000, 200))
+
+
+def test_run_budget_counts_the_time_its_choosing_took(tiny_config, monkeypatch):
+    chosen = budget.choose_plan
+
+    def slow_choice(*args, **kwargs):
+        time.sleep(0.3)
+        return chosen(*args, **kwargs)
+
+    monkeypatch.setattr(budget, "measure_speeds", lambda *args, **kwargs: SPEEDS)
+    monkeypatch.setattr(budget, "choose_plan", slow_choice)
+    raw, log = raw_config(tiny_config), lambda *args: None
+    begin = time.perf_counter()
+    counted, _ = budget.plan_budget(raw, 60.0, 64, 64, measuring_counts=True, log=log)
+    assert time.perf_counter() - begin + counted.seconds <= 60.0
+    planned, _ = budget.plan_budget(raw, 60.0, 64, 64, log=log)  # `plan --budget`: nothing counts
+    assert counted.seconds < planned.seconds - 2 * 0.3 <= 60.0  # twice the choosing: the trim's time too
 
 
 def test_a_budget_shorter_than_one_epoch_is_refused(tiny_config):
