@@ -87,11 +87,16 @@ def main() -> None:
     for name in anchors:
         if name not in ("ffcv", "composer"):
             parser.error(f"--anchors: unknown shape {name!r} (known: ffcv, composer)")  # exit 2
-    rows, skipped = [], []
+    rows, skipped, speeds = [], [], None
     for text in args.budgets.split(","):
         budget = parse_duration(text)
         begin = time.perf_counter()
-        planned, speeds = plan_budget(cfg.raw, budget, start=args.start_size, measuring_counts=True)
+        try:
+            planned, speeds = plan_budget(cfg.raw, budget, start=args.start_size, measuring_counts=True)
+        except ConfigError as e:  # a budget too short for one epoch here: the next budget may fit
+            print(f"{text}: not run: {e}", flush=True)
+            skipped.append({"budget": text, "run": "all", "why": str(e)})
+            continue
         spent = time.perf_counter() - begin
         print("\n".join(planned.reasons))
         images = len(datasets.train), len(datasets.val)
@@ -143,10 +148,12 @@ def main() -> None:
     for r in skipped:
         print(f"not run: {r['run']} at {r['budget']}: {r['why']}")
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"seed": args.seed, "rows": rows, "not_run": skipped, "speeds": dataclasses.asdict(speeds)}
+    report = {"seed": args.seed, "rows": rows, "not_run": skipped, "speeds": speeds and dataclasses.asdict(speeds)}
     report["machine"] = platform.platform()
     (args.out / "budget_vs_fixed.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out / 'budget_vs_fixed.json'}")
+    if not rows:
+        raise SystemExit(2)  # no budget fits one epoch here
 
 
 if __name__ == "__main__":

@@ -111,9 +111,12 @@ def test_dali_epoch_setup():
 def test_budget_vs_fixed(tiny_config, write_yaml, tmp_path):
     out = tmp_path / "bvf"
     text = run_script(
-        "budget_vs_fixed.py", write_yaml(tiny_config), "--budgets", "10s", "--anchors", "ffcv", "--out", out
+        "budget_vs_fixed.py", write_yaml(tiny_config), "--budgets", "1s,10s", "--anchors", "ffcv", "--out", out
     )
-    rows = json.loads((out / "budget_vs_fixed.json").read_text())["rows"]
+    report = json.loads((out / "budget_vs_fixed.json").read_text())
+    rows = report["rows"]
+    assert "1s: not run: --budget: too short for one epoch at 24 px here" in text  # one line, then the next budget
+    assert [(r["budget"], r["run"]) for r in report["not_run"]] == [("1s", "all")]
     assert [r["run"] for r in rows] == ["planned", "fixed", "ffcv"]
     planned, fixed, ffcv = rows
     assert ffcv["planned_stages"][0][0] == 16 and ffcv["planned_stages"][-1][0] == 24  # 0.83x the final size, then it

@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_budget(args: argparse.Namespace) -> int:
-    """`run FILE --budget D`: plan (the measuring counts against the budget), run the plan, then
+    """`run FILE --budget D`: plan (the measuring and the choosing count against the budget), run the plan, then
     predicted against actual seconds."""
     import dataclasses
     import time
