@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import math
 import re
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 
 from pipeline.config import STAGE_SIZE_KEYS, Config, parse_config
 from pipeline.errors import ConfigError
-from pipeline.speeds import Speeds, measure_speeds, measurement_config, per_image
+from pipeline.speeds import Speeds, measure_speeds, measurement_config, native_size, per_image
 from pipeline.train.plan import RAMP_MULTIPLE, format_duration, format_epochs, plan_run, with_last_stage_length
 
 START_RATIO = 0.5  # the ramp starts at this share of the final size
@@ -74,22 +73,6 @@ def choose_start(speeds: Speeds, final: int, start: int | None = None) -> tuple[
     if first < final and fast / slow >= RAMP_PAYS:
         return first, f"a ramp from {first} px pays: {measured}"
     return final, f"every epoch at {final} px: smaller sizes do not pay here ({measured}, under {RAMP_PAYS}x)"
-
-
-def native_size(samples: list[tuple[str, int]], most: int = 64) -> int | None:
-    """The training images' typical size: the median shorter side of up to `most` of them, spread over
-    the set, from their headers. None when none can be read."""
-    from PIL import Image
-
-    step = max(1, len(samples) // most)
-    sides = []
-    for path, _ in samples[::step][:most]:
-        try:
-            with Image.open(path) as image:
-                sides.append(min(image.size))
-        except Exception:  # noqa: BLE001 - a bad file is the loader's to report
-            continue
-    return int(statistics.median(sides)) if sides else None
 
 
 def native_note(native: int | None, final: int) -> str | None:
@@ -248,23 +231,6 @@ def within(plan: BudgetPlan, speeds: Speeds, budget_s: float) -> BudgetPlan:
         mid = (low + high) / 2
         low, high = (mid, high) if shortened(mid).seconds <= budget_s else (low, mid)
     return shortened(math.floor(1000 * low) / 1000)
-
-
-def format_plan(plan: BudgetPlan, budget_s: float) -> str:
-    """The chosen stages with their predicted seconds, then the total against the budget."""
-    rows = [*plan.reasons, f"{'stage':>5} {'size':>7} {'batch':>6} {'epochs':>6} {'predicted':>10}"]
-    specs = parse_config(plan.raw).stages
-    for k, (stage, spec, seconds) in enumerate(zip(plan.raw["stages"], specs, plan.stage_seconds)):
-        size = stage["img_size"]
-        size = f"{size[0]}-{size[1]}" if isinstance(size, list) else str(size)
-        epochs = format_epochs(spec.length)
-        rows.append(f"{k:>5} {size:>7} {stage['batch_size']:>6} {epochs:>6} {format_duration(seconds):>10}")
-    rows.append(
-        f"{format_epochs(plan.length)} epochs; predicted {format_duration(plan.seconds)}"
-        + (f", {format_duration(plan.measuring_s + plan.seconds)} with the measuring," if plan.measuring_s else "")
-        + f" of the {format_duration(budget_s)} budget"
-    )
-    return "\n".join(rows)
 
 
 def plan_budget(

@@ -1,5 +1,5 @@
-"""`run --budget` as it trains and after: the re-planner that keeps the run near its budget, and
-the seconds each stage took against the plan's prediction.
+"""`plan` and `run --budget` as they print and train: the plan against its budget, the re-planner
+that keeps the run near its budget, and the seconds each stage took against the plan's prediction.
 """
 
 from __future__ import annotations
@@ -114,6 +114,23 @@ def actual_seconds(run_dir: Path, stages: int) -> list[float]:
         if record.get("kind") == "epoch":
             ends[record["stage"]] = max(ends[record["stage"]], record["elapsed_s"])
     return [end - (ends[k - 1] if k else 0.0) for k, end in enumerate(ends)]
+
+
+def format_plan(plan: BudgetPlan, budget_s: float) -> str:
+    """The chosen stages with their predicted seconds, then the total against the budget."""
+    rows = [*plan.reasons, f"{'stage':>5} {'size':>7} {'batch':>6} {'epochs':>6} {'predicted':>10}"]
+    specs = parse_config(plan.raw).stages
+    for k, (stage, spec, seconds) in enumerate(zip(plan.raw["stages"], specs, plan.stage_seconds)):
+        size = stage["img_size"]
+        size = f"{size[0]}-{size[1]}" if isinstance(size, list) else str(size)
+        epochs = format_epochs(spec.length)
+        rows.append(f"{k:>5} {size:>7} {stage['batch_size']:>6} {epochs:>6} {format_duration(seconds):>10}")
+    rows.append(
+        f"{format_epochs(plan.length)} epochs; predicted {format_duration(plan.seconds)}"
+        + (f", {format_duration(plan.measuring_s + plan.seconds)} with the measuring," if plan.measuring_s else "")
+        + f" of the {format_duration(budget_s)} budget"
+    )
+    return "\n".join(rows)
 
 
 def format_outcome(

@@ -1,6 +1,7 @@
 """What this machine does with a stages file's setup, measured: training and validation images/s
 per size (loader and step together, as a run builds them) and what a new size, a new epoch and the
-start cost. The budget planner (`pipeline.budget`) predicts a plan's seconds from them.
+start cost; and the training images' own size, from their headers. The budget planner
+(`pipeline.budget`) predicts a plan's seconds from them.
 """
 
 from __future__ import annotations
@@ -162,3 +163,19 @@ def plot_seconds(run_dir: Path, sizes: list[int], epochs: int = 8, records_per_e
     t0 = time.perf_counter()
     plot_run(run_dir)
     return time.perf_counter() - t0
+
+
+def native_size(samples: list[tuple[str, int]], most: int = 64) -> int | None:
+    """The training images' typical size: the median shorter side of up to `most` of them, spread over
+    the set, from their headers. None when none can be read."""
+    from PIL import Image
+
+    step = max(1, len(samples) // most)
+    sides = []
+    for path, _ in samples[::step][:most]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except Exception:  # noqa: BLE001 - a bad file is the loader's to report
+            continue
+    return int(statistics.median(sides)) if sides else None

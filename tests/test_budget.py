@@ -16,9 +16,7 @@ from pipeline.budget import (
     choose_plan,
     choose_ramp,
     choose_start,
-    format_plan,
     native_note,
-    native_size,
     parse_duration,
     policy_stages,
     predict,
@@ -27,7 +25,8 @@ from pipeline.budget import (
 from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
-from pipeline.speeds import Speeds, per_image
+from pipeline.replan import format_plan
+from pipeline.speeds import Speeds, native_size, per_image
 from pipeline.train.plan import format_epochs, plan_run
 
 

@@ -84,10 +84,10 @@ def run_budget(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
-    from pipeline.budget import format_plan, parse_duration, plan_budget
+    from pipeline.budget import parse_duration, plan_budget
     from pipeline.config import load_config, parse_config
     from pipeline.files import write_json
-    from pipeline.replan import Replanner, actual_seconds, format_outcome
+    from pipeline.replan import Replanner, actual_seconds, format_outcome, format_plan
     from pipeline.train.run import RunHooks, run_training
 
     begin = time.perf_counter()
