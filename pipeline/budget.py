@@ -27,7 +27,14 @@ import torch
 from pipeline.config import STAGE_SIZE_KEYS, Config, parse_config
 from pipeline.errors import ConfigError
 from pipeline.speeds import Speeds, measure_speeds, measurement_config, native_size, per_image
-from pipeline.train.plan import RAMP_MULTIPLE, format_duration, format_epochs, plan_run, with_last_stage_length
+from pipeline.train.plan import (
+    RAMP_MULTIPLE,
+    format_duration,
+    format_epochs,
+    longest,
+    plan_run,
+    with_last_stage_length,
+)
 
 START_RATIO = 0.5  # the ramp starts at this share of the final size
 RAMP_PAYS = 1.3  # a ramp is planned only when its start trains at least this much faster than the final size
@@ -204,12 +211,8 @@ def choose_plan(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if candidate(mid).seconds <= budget_s else (lo, mid)
-    best, low, high = candidate(lo), 0.0, 1.0
-    while high - low > 1e-3:  # the largest share of one more epoch that still fits
-        mid = (low + high) / 2
-        low, high = (mid, high) if candidate(lo, mid).seconds <= budget_s else (low, mid)
-    extra = math.floor(1000 * low) / 1000  # a thousandth, rounded down: it still fits
-    return candidate(lo, extra) if extra > 0 else best
+    extra = longest(lambda share: candidate(lo, share).seconds <= budget_s, 0.0, 1.0)  # of one more epoch
+    return candidate(lo, extra)
 
 
 def within(plan: BudgetPlan, speeds: Speeds, budget_s: float) -> BudgetPlan:
@@ -226,11 +229,7 @@ def within(plan: BudgetPlan, speeds: Speeds, budget_s: float) -> BudgetPlan:
         extra = round(total - math.floor(total), 3)
         return dataclasses.replace(plan, raw=raw, stage_seconds=seconds, epochs=math.floor(total), extra=extra)
 
-    low, high = 1e-3, last
-    while high - low > 1e-3:
-        mid = (low + high) / 2
-        low, high = (mid, high) if shortened(mid).seconds <= budget_s else (low, mid)
-    return shortened(math.floor(1000 * low) / 1000)
+    return shortened(longest(lambda length: shortened(length).seconds <= budget_s, 1e-3, last))
 
 
 def plan_budget(

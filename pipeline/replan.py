@@ -17,6 +17,7 @@ from pipeline.train.plan import (
     EpochPlan,
     format_duration,
     format_epochs,
+    longest,
     plan_run,
     with_last_stage_length,
 )
@@ -79,14 +80,12 @@ class Replanner:
         if abs(end(current) - self.budget_s) <= self.SLACK * self.budget_s:
             return None
         low = begun + self.MIN_SHARE
+        length = math.floor(1000 * low) / 1000
         if end(low) < self.budget_s:  # the longest last stage that ends within the budget
             high = max(current, begun + 1.0)
             while end(high) < self.budget_s and high < MAX_EPOCHS:
                 low, high = high, min(2 * high, MAX_EPOCHS)
-            while high - low > 1e-3:
-                mid = (low + high) / 2
-                low, high = (mid, high) if end(mid) <= self.budget_s else (low, mid)
-        length = math.floor(1000 * low) / 1000
+            length = longest(lambda x: end(x) <= self.budget_s, low, high)
         if abs(length - current) < 1e-3:
             return None
         self.records.append(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -262,6 +263,15 @@ def with_last_stage_length(stages: list[dict], length: float) -> list[dict]:
     else:
         last.pop("last_epoch_share", None)
     return stages
+
+
+def longest(fits: Callable[[float], bool], low: float, high: float) -> float:
+    """The longest length in [low, high], to a thousandth of an epoch rounded down, that `fits`
+    (bisection: `fits` holds at `low` and turns false once, somewhere up to `high`)."""
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return math.floor(1000 * low) / 1000
 
 
 def format_epochs(length: float) -> str:
