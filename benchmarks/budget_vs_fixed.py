@@ -108,7 +108,7 @@ def main() -> None:
             plan.raw["run"]["name"] = f"{name}-{text}"
             start = time.perf_counter()
             replanner = Replanner(speeds, budget, start - spent, len(datasets.train), len(datasets.val))
-            hooks = RunHooks() if args.no_replan else RunHooks(epoch_start=replanner.epoch_start, replan=replanner)
+            hooks = RunHooks() if args.no_replan else replanner.hooks()
             run_dir = run_training(parse_config(plan.raw), out_dir=args.out, hooks=hooks)
             wall = spent + time.perf_counter() - start
             trained = yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -29,7 +29,9 @@ class Replanner:
     epochs each epoch too), and the last stage (at the final size) gets the length, in whole epochs and a
     share of one more (`last_epoch_share`), that ends the run on the budget. Nothing changes while the
     predicted end is within `SLACK` of the budget; the run never ends before `MIN_SHARE` of one more
-    epoch (its schedule has to finish its curve), nor grows after its last planned epoch."""
+    epoch (its schedule has to finish its curve), nor grows after its last planned epoch. Inside that
+    last epoch (`within`, from `MIN_SHARE` of its batches on), the pace of its own batches so far sets
+    its length the same way, between `MIN_SHARE` and a whole epoch."""
 
     SLACK = 0.025  # of the budget: half the +-5% the plan is held to
     MIN_SHARE = 0.25  # of an epoch: the least a run over its budget still trains, to end its schedule
@@ -47,6 +49,12 @@ class Replanner:
         self.train_images, self.val_images = train_images, val_images
         self.first: float | None = None  # when the first epoch began
         self.records: list[dict[str, Any]] = []
+
+    def hooks(self):
+        """The trainer's hooks that re-plan the run: after each epoch, and inside its last one."""
+        from pipeline.train.run import RunHooks
+
+        return RunHooks(epoch_start=self.epoch_start, replan=self, replan_within=self.within)
 
     def epoch_start(self, stage: int, epoch: int) -> None:
         if self.first is None:
@@ -103,6 +111,53 @@ class Replanner:
         )
         return {**copy.deepcopy(raw), "stages": with_last_stage_length(raw["stages"], length)}
 
+    def _batch_seconds(self, epoch: EpochPlan) -> float:
+        """A batch of `epoch`, as predicted."""
+        shares = epoch.size_shares().items()
+        return sum(share * self.speeds.train_seconds(size, epoch.images) for size, share in shares) / epoch.batches
+
+    def within(self, plan, raw: dict, progress, batches_done: int, seconds: float) -> dict | None:
+        """Inside the run's last epoch, after `batches_done` of its batches in `seconds`: a configuration
+        whose last epoch ends the run on the budget at this pace, or None (within `SLACK`, or too early)."""
+        now = self.clock()
+        epoch = plan.epoch(progress.stage, progress.epoch)
+        stages = raw["stages"]
+        whole = plan_run(parse_config({**raw, "stages": with_last_stage_length(stages, stages[-1]["epochs"])}).stages,
+                         self.train_images).epochs[-1].batches  # fmt: skip
+        if epoch != plan.epochs[-1] or self.first is None or not self.MIN_SHARE * whole <= batches_done < epoch.batches:
+            return None  # not the run's last epoch, or too early in it to know its pace, or over
+        done = [e for e in plan.epochs if (e.stage, e.epoch) < (progress.stage, progress.epoch)]
+        factor = (now - seconds - self.first) / self.predicted(done) if done else 1.0
+        tail = factor * (self.speeds.val_seconds(epoch.val_size, self.val_images) + self.speeds.epoch_s)
+
+        def end(batches: int) -> float:  # the predicted wall at the end, with this epoch `batches` long
+            return now - self.begin + (batches - batches_done) * seconds / batches_done + tail
+
+        if abs(end(epoch.batches) - self.budget_s) <= self.SLACK * self.budget_s:
+            return None
+        low = max(batches_done + 1, math.ceil(self.MIN_SHARE * whole))
+        fits = [b for b in range(low, whole + 1) if end(b) <= self.budget_s]
+        batches = fits[-1] if fits else low
+        if batches == epoch.batches:
+            return None
+        current = parse_config(raw).stages[-1].length
+        length = stages[-1]["epochs"] - 1 + math.ceil(1000 * batches / whole) / 1000  # rounds to >= `batches`
+        self.records.append(
+            {
+                "after": [progress.stage, progress.epoch],
+                "batch": batches_done,
+                "factor": round(seconds / batches_done / self._batch_seconds(epoch), 3),
+                "last_stage_epochs": [round(current, 3), length],
+                "predicted_end_s": round(end(batches), 1),
+            }
+        )
+        print(
+            f"re-planning: the last epoch trains {seconds / batches_done:.2f} s a batch; {batches} of its "
+            f"{whole} batches (was {epoch.batches}) end the run in about {format_duration(end(batches))} of the "
+            f"{format_duration(self.budget_s)} budget"
+        )
+        return {**copy.deepcopy(raw), "stages": with_last_stage_length(stages, length)}
+
 
 def actual_seconds(run_dir: Path, stages: int) -> list[float]:
     """Wall seconds per stage of a finished run (training, validation, checkpoints), from metrics.jsonl."""
@@ -150,8 +205,10 @@ def format_outcome(
     for r in replans:
         stage, epoch = r["after"]
         first, then = r["last_stage_epochs"]
-        rows.append(
-            f"re-planned after stage {stage} epoch {epoch}: the last stage {format_epochs(first)} -> "
-            f"{format_epochs(then)} epochs"
+        where = (
+            f"in stage {stage} epoch {epoch} at batch {r['batch']}"
+            if "batch" in r
+            else f"after stage {stage} epoch {epoch}"
         )
+        rows.append(f"re-planned {where}: the last stage {format_epochs(first)} -> {format_epochs(then)} epochs")
     return "\n".join(rows)

@@ -204,3 +204,108 @@ def test_a_shortened_last_epoch_trains_its_share_and_resumes_inside_it_bit_exact
     a = Checkpoint.read(whole / "checkpoints" / "last.pt").state_dict
     b = Checkpoint.read(resumed / "checkpoints" / "last.pt").state_dict
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def _last_epoch_on_a_slower_clock(tiny_config: dict, slower: float, within: bool) -> tuple[float, int, int]:
+    """A run planned at 64 px from the start whose epochs take their predicted time, but whose last
+    epoch trains `slower` times its predicted pace (the machine slowed down late): its wall at the end,
+    and the last epoch's batches as planned and as trained. `within`: the re-planner looks inside it
+    every 2 batches, as the trainer asks at its flushes."""
+    budget_s, images, val_images = 40.0, 1000, 200
+    raw = copy.deepcopy(tiny_config)
+    raw["stages"] = [{"img_size": 64, "batch_size": 10, "epochs": 2, "mixup": "off"}]
+    raw = choose_plan(raw, SPEEDS, budget_s, 64, images, val_images, 64).raw
+    now = [SPEEDS.start_s]
+    replanner = Replanner(SPEEDS, budget_s, 0.0, images, val_images, clock=lambda: now[0])
+    run_plan = plan_run(parse_config(raw).stages, images)
+    previous = None
+    for epoch in run_plan.epochs[:-1]:
+        replanner.epoch_start(epoch.stage, epoch.epoch)
+        now[0] += SPEEDS.epoch_seconds(epoch, previous, val_images)
+        previous = epoch
+    last = run_plan.epochs[-1]
+    progress = Progress(stage=last.stage, epoch=last.epoch)
+    per_batch = slower * SPEEDS.train_seconds(64, last.images) / last.batches
+    n, b = last.batches, 0
+    while b < n:
+        b += 1
+        now[0] += per_batch
+        if within and b % 2 == 0 and b < n:
+            new = replanner.within(run_plan, raw, progress, b, b * per_batch)
+            if new is not None:
+                raw, run_plan = new, plan_run(parse_config(new).stages, images)
+                n = run_plan.epochs[-1].batches
+                assert n > b and run_plan.epochs[:-1] == plan_run(parse_config(raw).stages, images).epochs[:-1]
+    now[0] += SPEEDS.val_seconds(64, val_images) + SPEEDS.epoch_s
+    return now[0] / budget_s, last.batches, n
+
+
+def test_a_last_epoch_that_runs_slow_is_shortened_inside_it(tiny_config):
+    wall, planned, _ = _last_epoch_on_a_slower_clock(tiny_config, 2.0, within=False)
+    assert wall > 1.05  # the epoch-end re-planner has nothing left to act on
+    wall, planned, trained = _last_epoch_on_a_slower_clock(tiny_config, 2.0, within=True)
+    assert abs(wall - 1) <= Replanner.SLACK + 0.005 and trained < planned, (wall, planned, trained)
+
+
+def test_a_last_epoch_that_runs_fast_grows_up_to_a_whole_epoch(tiny_config):
+    unplanned, planned, _ = _last_epoch_on_a_slower_clock(tiny_config, 0.5, within=False)
+    wall, planned, trained = _last_epoch_on_a_slower_clock(tiny_config, 0.5, within=True)
+    assert unplanned < wall <= 1.0 and planned < trained <= 100  # 100 batches: the whole epoch
+
+
+def test_no_re_plan_inside_the_last_epoch_on_pace_or_before_a_quarter_of_it(tiny_config):
+    wall, planned, trained = _last_epoch_on_a_slower_clock(tiny_config, 1.0, within=True)
+    assert trained == planned and abs(wall - 1) <= Replanner.SLACK
+    replanner = Replanner(SPEEDS, 40.0, 0.0, 1000, 200, clock=lambda: 39.0)
+    replanner.epoch_start(0, 0)
+    raw = copy.deepcopy(tiny_config)
+    raw["stages"] = [{"img_size": 64, "batch_size": 10, "epochs": 1}]
+    plan = plan_run(parse_config(raw).stages, 1000)  # 100 batches: 39 s in after 20 is far over
+    assert replanner.within(plan, raw, Progress(stage=0, epoch=0), 20, 30.0) is None  # under a quarter
+    assert replanner.within(plan, raw, Progress(stage=0, epoch=0), 30, 30.0) is not None
+
+
+def _cut_last_epoch(plan, raw: dict, progress: Progress, batches_done: int, seconds: float) -> dict | None:
+    """A scripted re-plan inside the last epoch: after its 2nd batch, half of it (3 of 6 batches)."""
+    if (progress.stage, progress.epoch, batches_done) != (1, 1, 2):
+        return None
+    raw = copy.deepcopy(raw)
+    raw["stages"][-1]["last_epoch_share"] = 0.5
+    return raw
+
+
+@pytest.mark.slow
+def test_a_last_epoch_re_planned_inside_it_ends_its_schedule_and_resumes_bit_exact(tiny_config, tmp_path, capsys):
+    tiny_config["train"]["size_jumps"] = "off"
+    tiny_config["run"].update(checkpoint_every=0, log_every=1)  # a checkpoint at every update
+    tiny_config["stages"][1].update(epochs=2)  # 40 images, batch 6: 6 batches an epoch
+    cfg = parse_config(tiny_config)
+    whole = run_training(cfg, out_dir=tmp_path / "whole", hooks=RunHooks(replan_within=_cut_last_epoch))
+    assert "re-planned in stage 1 epoch 1 at batch 2: epochs per stage [2, 2] -> [2, 1.5]" in capsys.readouterr().out
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    batches = [(r["stage"], r["epoch"]) for r in records if r["kind"] == "batch"]
+    assert [batches.count((1, e)) for e in (0, 1)] == [6, 3]
+    assert [e["batches"] for e in json.loads((whole / "plan.json").read_text())] == [5, 5, 6, 3]
+    assert yaml.safe_load((whole / "config.yaml").read_text())["stages"][-1]["last_epoch_share"] == 0.5
+    floor = cfg.train.optimizer.lr / cfg.train.schedule.div_factor / cfg.train.schedule.final_div_factor
+    stage1_lr = [r["lr"] for r in records if r["kind"] == "batch" and r["stage"] == 1]
+    assert stage1_lr[-1] == pytest.approx(floor, rel=1e-3)  # the shortened curve ends with the last update
+    last = Checkpoint.read(whole / "checkpoints" / "last.pt")
+    assert last.run_progress.replans == [{"stage": 1, "epoch": 1, "batch": 2, "epochs": [2, 1.5]}]
+
+    saves = []
+
+    def die(paths):  # killed at the checkpoint right after the re-plan (its 2nd batch), config.yaml not rewritten
+        saves.append(paths)
+        if len(saves) == 5 + 5 + 6 + 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_training(cfg, out_dir=tmp_path / "killed", hooks=RunHooks(after_save=die, replan_within=_cut_last_epoch))
+    (killed,) = (tmp_path / "killed").iterdir()
+    assert "last_epoch_share" not in yaml.safe_load((killed / "config.yaml").read_text())["stages"][-1]
+    resumed = run_training(cfg, resume=killed)
+    a = Checkpoint.read(whole / "checkpoints" / "last.pt").state_dict
+    b = Checkpoint.read(resumed / "checkpoints" / "last.pt").state_dict
+    assert all(torch.equal(a[key], b[key]) for key in a)  # the resume trained the epoch as re-planned
+    assert yaml.safe_load((resumed / "config.yaml").read_text())["stages"][-1]["last_epoch_share"] == 0.5

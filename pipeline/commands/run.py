@@ -106,7 +106,7 @@ def run_budget(args: argparse.Namespace) -> int:
     print(format_plan(plan, budget))
     spent = time.perf_counter() - begin
     replanner = Replanner(speeds, budget, begin, plan.train_images, plan.val_images)
-    hooks = RunHooks() if args.no_replan else RunHooks(epoch_start=replanner.epoch_start, replan=replanner)
+    hooks = RunHooks() if args.no_replan else replanner.hooks()
     run_dir = run_training(parse_config(plan.raw), out_dir=args.out, hooks=hooks)
     total = time.perf_counter() - begin
     actual = actual_seconds(run_dir, len(plan.stage_seconds))

@@ -122,12 +122,15 @@ def train_epoch(
     run_status: Callable[[int], str] | None = None,
     batch_px: Callable[[int], int] | None = None,
     batches: int | None = None,
+    retarget: Callable[[int, float], int | None] | None = None,
 ) -> EpochResult:
     """One pass over `loader` (from batch `start` when resumed mid-epoch, with the RNGs `rng` put
     back), or over its first `batches` (a stage's shortened last epoch, `last_epoch_share`). Every
     `checkpoint_every` seconds, and when a stop is asked for, `save_mid_epoch` checkpoints at an
     update boundary. `run_status(batches_done)`: the run's progress, shown on the bar.
-    `batch_px(batch)`: the size batch `batch` trains at (`train.size_jumps`), resized on the device."""
+    `batch_px(batch)`: the size batch `batch` trains at (`train.size_jumps`), resized on the device.
+    `retarget(batches_done, seconds)`: asked at each flush that ends on an update boundary; a new
+    number of batches for this epoch (more than those done), or None (`run --budget`'s last epoch)."""
     world = loop.world
     n = len(loader) if batches is None else min(batches, len(loader))
     bar = epoch_bar(n, label, world.is_main)
@@ -154,6 +157,9 @@ def train_epoch(
             if len(window) == loop.log_every or last or checkpoint:
                 status = {"run": run_status(batch_idx + 1)} if run_status is not None else {}
                 window.flush(x.shape[0] * world.world_size, status)
+                if retarget is not None and not last and train_step.at_boundary:
+                    n = retarget(batch_idx + 1, before + time.perf_counter() - t0) or n
+                    bar.total = n
                 if world.distributed and not due and save_mid_epoch is not None and not last:
                     # under torchrun the processes decide together, at flushes (one collective)
                     due = loop.stop.agree(time.perf_counter() - last_save >= loop.checkpoint_every, loop.device)

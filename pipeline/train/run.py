@@ -42,6 +42,9 @@ class RunHooks:
     # after each epoch's validation (`run --budget`): given the plan, the configuration and the progress,
     # a configuration with new lengths for the epochs not yet begun, or None to go on as planned
     replan: Callable[[RunPlan, dict, Progress], dict | None] | None = None
+    # inside the run's last epoch, at update boundaries: the same with the batches done and the epoch's
+    # seconds so far, a configuration whose last epoch is shorter or longer (never under the batches done)
+    replan_within: Callable[[RunPlan, dict, Progress, int, float], dict | None] | None = None
 
 
 def run_training(
@@ -93,6 +96,7 @@ class Trainer:
     def __init__(self, ctx: RunContext, plan: RunPlan, loop: LoopSettings, checkpoints: Checkpointer, hooks: RunHooks):
         self.ctx, self.plan, self.loop, self.checkpoints, self.hooks = ctx, plan, loop, checkpoints, hooks
         self.cfg, self.run_dir, self._mark = ctx.cfg, loop.run_dir, time.perf_counter()
+        self.replanned_within = False
         # one compiled graph per input shape the plan has: keep them all (past the limit: eager)
         torch._dynamo.config.recompile_limit = max(8, plan.compiled_shapes() + 2)
 
@@ -156,6 +160,21 @@ class Trainer:
         train_step.start_epoch(planned.batches, start)
         updates_before = train_step.optimizer_steps
 
+        def retarget(batches_done: int, seconds: float) -> int | None:  # the run's last epoch, re-planned
+            raw = self.hooks.replan_within(self.plan, self.cfg.raw, progress, batches_done, seconds)
+            if raw is None:
+                return None
+            self.plan = take_plan(self.ctx, parts, progress, self.plan, raw, batch=batches_done)
+            self.cfg, batches = self.ctx.cfg, self.plan.epoch(k, epoch).batches
+            if batches <= batches_done:
+                raise ValueError(f"a re-plan inside an epoch must leave batches to train ({batches} <= {batches_done})")
+            train_step.retarget(batches)
+            self.replanned_within = True  # config.yaml and plan.json follow the epoch's checkpoint
+            return batches
+
+        last_epoch = (k, epoch) == (self.plan.epochs[-1].stage, self.plan.epochs[-1].epoch)
+        within = self.hooks.replan_within is not None and last_epoch
+
         def save_mid_epoch(batches_done: int, partial: dict[str, float]) -> None:
             progress.batch, progress.partial = batches_done, partial
             self.tick(progress)
@@ -176,7 +195,9 @@ class Trainer:
             run_status=lambda done: self.plan.status(k, epoch, done, self.tick(progress)),
             batch_px=(lambda b: planned.batch_px(self.ctx.cfg.run.seed, b)) if len(planned.train_sizes) > 1 else None,
             batches=planned.batches,
+            retarget=retarget if within else None,
         )
+        planned = self.plan.epoch(k, epoch)  # as re-planned inside it, if it was
         expected = planned.updates - start // parts.train_cfg.accum_steps
         updates = train_step.optimizer_steps - updates_before
         if updates != expected:  # the schedule's length came from the plan: a mismatch is a bug
@@ -206,8 +227,9 @@ class Trainer:
             progress.finish_stage(stage, val["top1"], val_ema["top1"] if val_ema else None)
         names = ["best.pt"] * improved + [f"stage{k}.pt"] * stage_done + ["last.pt"]
         self.checkpoints.save(names, run_checkpoint(self.ctx, parts, progress, self.plan))
-        if raw is not None and self.ctx.world.is_main:  # after the checkpoint, which a resume reads it from
-            write_plan(self.run_dir, self.cfg, self.plan)
+        if (raw is not None or self.replanned_within) and self.ctx.world.is_main:  # after the checkpoint,
+            write_plan(self.run_dir, self.cfg, self.plan)  # which a resume reads the plan from
+        self.replanned_within = False
         finished = k == len(self.cfg.stages) - 1 and stage_done
         if self.loop.stop.agree(False, device) and not finished:  # a stop asked for; the run's last epoch just ends
             raise self.loop.stop.stopped(self.run_dir, f"stage {k}, after epoch {epoch}")

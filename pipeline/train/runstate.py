@@ -44,9 +44,12 @@ def run_checkpoint(ctx: RunContext, parts: StageParts, progress: Progress, plan:
     )
 
 
-def take_plan(ctx: RunContext, parts: StageParts, progress: Progress, old: RunPlan, raw: dict) -> RunPlan:
+def take_plan(
+    ctx: RunContext, parts: StageParts, progress: Progress, old: RunPlan, raw: dict, batch: int | None = None
+) -> RunPlan:
     """Make `raw` the run's configuration mid-stage (`parts`): returns its plan, with `ctx.cfg`, the
-    stage and its schedule brought to it, and the change recorded in `progress.replans`."""
+    stage and its schedule brought to it, and the change recorded in `progress.replans`. `batch`: made
+    inside epoch `progress.epoch` after that many of its batches (which it may shorten, not below them)."""
     k, old_cfg = parts.index, ctx.cfg
     ctx.cfg = parse_config(raw)
     plan = plan_run(ctx.cfg.stages, len(ctx.datasets.train), ctx.world.world_size)
@@ -59,8 +62,12 @@ def take_plan(ctx: RunContext, parts: StageParts, progress: Progress, old: RunPl
         parts.scheduler = respan_scheduler(parts.scheduler, parts.optimizer, parts.train_cfg.schedule, span)
         parts.train_step.scheduler = parts.scheduler
     before, after = ([_length(s.length) for s in c.stages] for c in (old_cfg, ctx.cfg))
-    progress.replans.append({"stage": k, "epoch": progress.epoch, "epochs": after})
-    print(f"re-planned after stage {k} epoch {progress.epoch - 1}: epochs per stage {before} -> {after}")
+    if batch is None:
+        progress.replans.append({"stage": k, "epoch": progress.epoch, "epochs": after})
+        print(f"re-planned after stage {k} epoch {progress.epoch - 1}: epochs per stage {before} -> {after}")
+    else:
+        progress.replans.append({"stage": k, "epoch": progress.epoch, "batch": batch, "epochs": after})
+        print(f"re-planned in stage {k} epoch {progress.epoch} at batch {batch}: epochs per stage {before} -> {after}")
     return plan
 
 

@@ -157,6 +157,11 @@ class TrainStep:
         # checkpoint taken now loses nothing
         self.at_boundary = False
 
+    def retarget(self, batches: int) -> None:
+        """The epoch under way now has `batches` micro-batches (a re-plan inside the run's last epoch,
+        made at an update boundary: the windows from here are counted against the new end)."""
+        self._batches = batches
+
     @staticmethod
     def steps_per_epoch(batches: int, accum_steps: int) -> int:
         return math.ceil(batches / accum_steps)
