@@ -10,8 +10,11 @@ up to it:
            image made at size s keeps, once scaled back up: 1 - |x_F - up(x_s)|^2 / |x_F - up(x_F/8)|^2
   features the top-1 of a ridge classifier on the pooled features of an untrained ResNet-18 (timm,
            BatchNorm on batch statistics, two seeds), trained and tested at size s
+  trained  the probe `plan --budget` runs (`pipeline.probe`, `--probes trained`): the stages file's
+           model and optimizer trained from its starting weights for 4 epochs over the sampled images
+           at F/2, 3F/4 and F, then its val top-1 at each; the size the plan would start at
 
-    python benchmarks/size_probes.py NAME=FOLDER[@FINAL] ... [--images 1000]
+    python benchmarks/size_probes.py NAME=FOLDER[@FINAL] ... [--images 1000] [--probes trained --stages stages.yaml]
 """
 
 from __future__ import annotations
@@ -92,11 +95,31 @@ def probe(folder: Path, final: int, n: int) -> dict:
     return {str(s): r for s, r in rows.items()}
 
 
+def trained_probe(folder: Path, final: int, n: int, stages: Path) -> dict:
+    """The probe `plan --budget` runs (`pipeline.probe`): the stages file's model and optimizer, trained
+    briefly at the sizes the plan measures, on `n` sampled training images of `folder`."""
+    from pipeline.budget import candidate_sizes
+    from pipeline.config import load_config
+    from pipeline.data import scan_datasets
+    from pipeline.probe import probe_sizes
+
+    cfg = load_config(stages, [f"data.train={folder / 'train'}", f"data.val={folder / 'val'}"])
+    datasets = scan_datasets(cfg.data)
+    sizes = candidate_sizes(final)
+    result = probe_sizes(cfg, datasets, len(datasets.classes), sizes, final, n, torch.device("cpu"))
+    return {"top1": {str(s): t for s, t in result.top1.items()}, "images": result.images,
+            "seconds": round(result.seconds, 1), "start": result.start(final), "line": result.line(final)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", metavar="NAME=FOLDER[@FINAL]")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--probes", default="detail,features", help="detail,features (no training) or trained")
+    parser.add_argument(
+        "--stages", type=Path, default=Path("stages.yaml"), help="the trained probe's model and optimizer"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     report = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "date": time.strftime("%F")}
@@ -104,6 +127,12 @@ def main() -> None:
         name, _, rest = spec.partition("=")
         path, _, final = rest.partition("@")
         t0 = time.perf_counter()
+        if args.probes == "trained":
+            report[name] = trained_probe(Path(path), int(final or 64), args.images, args.stages)
+            print(f"{name}: {report[name]['line']}", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(report, indent=1))
+            continue
         report[name] = probe(Path(path), int(final or 64), args.images)
         cells = " ".join(f"{s}: {r['detail']:.2f} / {sum(r['features']) / 2:.1f}%" for s, r in report[name].items())
         print(f"{name} (detail kept / feature top-1): {cells}  ({time.perf_counter() - t0:.0f} s)", flush=True)

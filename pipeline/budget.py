@@ -7,8 +7,9 @@ epochs at the final size (with FILE's last stage's keys, e.g. `mixup: off`), one
 schedule over the run. The ramp is planned only where the measurements say it pays: when the start
 size does not train at least `RAMP_PAYS` times as fast as the final size on this machine, or the
 ramp does not fit at least `RAMP_EPOCHS` times the epochs of the final size alone in the budget (the
-speeds, the data's size and each epoch's fixed costs decide), every epoch is at the final size. The
-plan says why it chose what it chose, and how large the training images are.
+speeds, the data's size and each epoch's fixed costs decide), every epoch is at the final size. Where
+the ramp pays in time, a short training probe (`pipeline.probe`) chooses its start: the smallest size
+that keeps the classes. The plan says why it chose what it chose, and how large the images are.
 """
 
 from __future__ import annotations
@@ -261,14 +262,25 @@ def plan_budget(
     log(f"measuring {measured.model.arch} on {device} at {', '.join(map(str, sizes))} px ...")
     speeds = measure_speeds(measured, sizes, log=log)
     first, why = choose_start(speeds, final, start)
-    measuring = time.perf_counter() - begin if measuring_counts else 0.0
     images = len(datasets.train), len(datasets.val)
-    plan = choose_plan(raw, speeds, budget_s - measuring, final, *images, first)
-    if start is None and first < final:  # the user's --start-size is planned as given
+
+    def choose(first: int) -> tuple[BudgetPlan, str | None, float]:  # the plan from `first`, and what it cost
+        measuring = time.perf_counter() - begin if measuring_counts else 0.0
+        plan = choose_plan(raw, speeds, budget_s - measuring, final, *images, first)
+        if start is not None or first == final:  # the user's --start-size is planned as given
+            return plan, None, measuring
         fixed = choose_plan(raw, speeds, budget_s - measuring, final, *images, final)
-        plan, instead = choose_ramp(plan, fixed, first, final)
-        why = instead or why
-    reasons = tuple(r for r in (why, native_note(native_size(datasets.train.samples), final)) if r)
+        return (*choose_ramp(plan, fixed, first, final), measuring)
+
+    plan, instead, measuring = choose(first)
+    lines = [instead or why]
+    if start is None and instead is None and first < final:  # the ramp pays in time: do its sizes keep the classes?
+        from pipeline.probe import probe_start
+
+        probed, first = probe_start(measured, datasets, num_classes, device, speeds, sizes, budget_s - measuring)
+        plan, instead, measuring = choose(first)
+        lines = [probed, instead]
+    reasons = tuple(r for r in (*lines, native_note(native_size(datasets.train.samples), final)) if r)
     if measuring_counts:  # the choosing took time too: the plan gives it back (twice it: the trim's time as well)
         choosing = time.perf_counter() - begin - measuring
         plan = within(plan, speeds, budget_s - measuring - 2 * choosing)

@@ -17,7 +17,7 @@ LAYERS = [
     ["pipeline.train.stage"],
     ["pipeline.train.range_test", "pipeline.train.runstate", "pipeline.train.setup"],
     ["pipeline.train.run"],
-    ["pipeline.options", "pipeline.inference", "pipeline.loader_bench", "pipeline.speeds"],
+    ["pipeline.options", "pipeline.inference", "pipeline.loader_bench", "pipeline.speeds", "pipeline.probe"],
     ["pipeline.budget"],
     ["pipeline.replan"],
     ["pipeline.commands"],  # one module per command; none imports another (test below)

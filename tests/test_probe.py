@@ -1,0 +1,108 @@
+"""The start-size probe of `plan --budget`: which size it keeps, how many images the budget lets it
+train on, a real probe on tiny data, and the plan it leads to."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pipeline.budget as budget
+import pipeline.probe as probe
+from pipeline.config import parse_config
+from pipeline.data import scan_datasets
+from pipeline.probe import ProbeResult, probe_images, probe_sizes
+from pipeline.speeds import Speeds
+from tests.test_budget import raw_config
+
+# speeds where a ramp pays in time: a step costs by the pixels, nothing else costs anything
+FAST = Speeds(
+    train={32: 800.0, 48: 400.0, 64: 200.0}, val={32: 1e5, 48: 1e5, 64: 1e5}, new_size_s=0.0, epoch_s=0.0, start_s=0.0
+)
+
+
+@pytest.mark.parametrize(
+    "top1,start",
+    [
+        ({32: 98.2, 48: 95.2, 64: 93.7}, 32),  # short training favours small sizes: the smallest is kept
+        ({32: 11.0, 48: 44.0, 64: 43.2}, 48),  # the classes are lost at 32 px, kept at 48
+        ({32: 8.3, 48: 13.0, 64: 17.4}, 64),  # lost below the final size: no ramp
+        ({32: 77.9, 48: 78.0, 64: 80.0}, 48),  # 2.0 points under: kept; 2.1 under: not
+    ],
+)
+def test_the_probe_keeps_the_smallest_size_within_two_points_of_the_final_size(top1, start):
+    result = ProbeResult(top1, 1000, 12.0, 10)
+    assert result.start(64) == start
+    line = result.line(64)
+    if start == 64:
+        assert line.startswith("every epoch at 64 px: smaller sizes lose the classes here")
+    else:
+        assert line.startswith(f"a ramp from {start} px: the smallest size within 2 points of 64 px")
+    assert "a short training on 1000 of the images (4 epochs at each size, 12 s)" in line
+    assert all(f"{s} px {t:.1f}%" in line for s, t in top1.items())
+
+
+def test_a_probe_that_learned_nothing_keeps_no_smaller_size():
+    result = ProbeResult({32: 12.0, 48: 11.0, 64: 10.5}, 200, 3.0, 10)  # all within 5 points of chance (10%)
+    assert result.start(64) == 64
+    assert result.line(64).startswith("every epoch at 64 px: the probe learned too little to tell")
+    assert ProbeResult({32: 15.0, 48: 11.0, 64: 10.5}, 200, 3.0, 10).start(64) == 32
+
+
+def test_the_probe_samples_what_its_share_of_the_budget_pays_for():
+    # 1 ms an image at all sizes together, 4 epochs: 4 ms an image
+    assert probe_images(10.0, 0.001, 5000) == 1000  # 2,500 affordable: capped at PROBE_IMAGES
+    assert probe_images(2.0, 0.001, 5000) == 500
+    assert probe_images(0.5, 0.001, 5000) == 0  # 125 images would say nothing
+    assert probe_images(0.5, 0.001, 100) == 100  # ... unless that is the whole training set
+
+
+def test_a_probe_on_tiny_data_trains_at_each_size_and_repeats(tiny_config):
+    cfg = parse_config(tiny_config)
+    datasets = scan_datasets(cfg.data)
+
+    first = probe_sizes(cfg, datasets, 10, [16, 24], 24, 32, torch.device("cpu"))
+    assert sorted(first.top1) == [16, 24] and first.images == 32 and first.seconds > 0
+    assert all(0.0 <= t <= 100.0 for t in first.top1.values())
+    again = probe_sizes(cfg, datasets, 10, [16, 24], 24, 32, torch.device("cpu"))
+    assert again.top1 == first.top1  # seeded: the same sample, weights and order
+
+
+def _plan(tiny_config, monkeypatch, budget_s: float, top1: dict[int, float] | None, start=None, speeds=FAST):
+    monkeypatch.setattr(budget, "measure_speeds", lambda *args, **kwargs: speeds)
+    calls = []
+
+    def fake_probe(cfg, datasets, num_classes, sizes, final, images, device):
+        calls.append((sorted(sizes), images))
+        return ProbeResult(top1, images, 1.0, num_classes)
+
+    monkeypatch.setattr(probe, "probe_sizes", fake_probe)
+    plan, _ = budget.plan_budget(raw_config(tiny_config), budget_s, 64, start, log=lambda *args: None)
+    return plan, calls
+
+
+def test_where_the_ramp_pays_the_probe_chooses_its_start(tiny_config, monkeypatch):
+    top1 = {32: 11.0, 48: 44.0, 64: 43.2}
+    steep = Speeds({32: 3200.0, 48: 1600.0, 64: 200.0}, FAST.val, 0.0, 0.0, 0.0)  # 48 px pays too
+    plan, calls = _plan(tiny_config, monkeypatch, 600.0, top1, speeds=steep)
+    assert calls == [([32, 48, 64], 40)]  # the tiny set's 40 training images, at the measured sizes
+    assert plan.raw["stages"][0]["img_size"] == [48, 64] and plan.raw["stages"][-1]["img_size"] == 64
+    assert plan.reasons[0].startswith("a ramp from 48 px")
+    plan, _ = _plan(tiny_config, monkeypatch, 600.0, top1)  # here a ramp from 48 px buys too few epochs
+    assert {s["img_size"] for s in plan.raw["stages"]} == {64} and plan.reasons[0].startswith("a ramp from 48 px")
+    assert plan.reasons[1].startswith("every epoch at 64 px: a ramp from 48 px would fit")
+
+
+def test_where_the_probe_says_small_sizes_lose_the_classes_every_epoch_is_at_the_final_size(tiny_config, monkeypatch):
+    plan, calls = _plan(tiny_config, monkeypatch, 600.0, {32: 8.3, 48: 13.0, 64: 17.4})
+    assert len(calls) == 1 and {s["img_size"] for s in plan.raw["stages"]} == {64}
+    assert plan.reasons[0].startswith("every epoch at 64 px: smaller sizes lose the classes here")
+
+
+def test_no_probe_for_a_given_start_nor_a_budget_too_short_for_it(tiny_config, monkeypatch):
+    plan, calls = _plan(tiny_config, monkeypatch, 600.0, None, start=32)
+    assert calls == [] and plan.raw["stages"][0]["img_size"] == [32, 64]  # --start-size: as given
+    plan, calls = _plan(tiny_config, monkeypatch, 6.0, None)  # 0.6 s for the probe: 17 images
+    assert calls == [] and {s["img_size"] for s in plan.raw["stages"]} == {64}
+    assert plan.reasons[0] == (
+        "every epoch at 64 px: the budget is too short to probe whether smaller sizes keep the classes"
+    )
