@@ -28,7 +28,7 @@ PROBE_VAL = 500  # validation images sampled (at most)
 PROBE_EPOCHS = 4  # over the sample, at each size
 PROBE_BATCH = 64
 KEEP_POINTS = 2.0  # a start size is kept when its top-1 is at most this many points under the final size's
-LEARNED_POINTS = 5.0  # the probe tells only where some size ended this many points above chance
+LEARNED_POINTS = 10.0  # the probe tells only where some size ended this many points above chance
 PROBE_SHARE = 0.1  # of the budget left (`plan --budget`): the most the probe may take
 MIN_IMAGES = 200  # fewer than this and the probe says nothing (a budget too short for it)
 

@@ -25,7 +25,7 @@ FAST = Speeds(
     [
         ({32: 98.2, 48: 95.2, 64: 93.7}, 32),  # short training favours small sizes: the smallest is kept
         ({32: 11.0, 48: 44.0, 64: 43.2}, 48),  # the classes are lost at 32 px, kept at 48
-        ({32: 8.3, 48: 13.0, 64: 17.4}, 64),  # lost below the final size: no ramp
+        ({32: 7.2, 48: 38.0, 64: 43.2}, 64),  # lost below the final size (the demo, seed 0): no ramp
         ({32: 77.9, 48: 78.0, 64: 80.0}, 48),  # 2.0 points under: kept; 2.1 under: not
     ],
 )
@@ -42,10 +42,11 @@ def test_the_probe_keeps_the_smallest_size_within_two_points_of_the_final_size(t
 
 
 def test_a_probe_that_learned_nothing_keeps_no_smaller_size():
-    result = ProbeResult({32: 12.0, 48: 11.0, 64: 10.5}, 200, 3.0, 10)  # all within 5 points of chance (10%)
+    # the digits task, seed 0: all within 10 points of chance (10%), where one seed to the next moves 4
+    result = ProbeResult({32: 10.8, 48: 15.0, 64: 14.6}, 1000, 30.0, 10)
     assert result.start(64) == 64
     assert result.line(64).startswith("every epoch at 64 px: the probe learned too little to tell")
-    assert ProbeResult({32: 15.0, 48: 11.0, 64: 10.5}, 200, 3.0, 10).start(64) == 32
+    assert ProbeResult({32: 20.0, 48: 11.0, 64: 10.5}, 200, 3.0, 10).start(64) == 32
 
 
 def test_the_probe_samples_what_its_share_of_the_budget_pays_for():
@@ -93,7 +94,7 @@ def test_where_the_ramp_pays_the_probe_chooses_its_start(tiny_config, monkeypatc
 
 
 def test_where_the_probe_says_small_sizes_lose_the_classes_every_epoch_is_at_the_final_size(tiny_config, monkeypatch):
-    plan, calls = _plan(tiny_config, monkeypatch, 600.0, {32: 8.3, 48: 13.0, 64: 17.4})
+    plan, calls = _plan(tiny_config, monkeypatch, 600.0, {32: 7.2, 48: 38.0, 64: 43.2})
     assert len(calls) == 1 and {s["img_size"] for s in plan.raw["stages"]} == {64}
     assert plan.reasons[0].startswith("every epoch at 64 px: smaller sizes lose the classes here")
 
