@@ -277,9 +277,9 @@ def plan_budget(
     if start is None and instead is None and first < final:  # the ramp pays in time: do its sizes keep the classes?
         from pipeline.probe import probe_start
 
-        probed, first = probe_start(measured, datasets, num_classes, device, speeds, sizes, budget_s - measuring)
-        plan, instead, measuring = choose(first)
-        lines = [probed, instead]
+        probed, kept = probe_start(measured, datasets, num_classes, device, speeds, sizes, budget_s - measuring)
+        plan, instead, measuring = choose(kept)
+        lines = [why if kept == first else None, probed, instead]  # why it pays, when from the same start
     reasons = tuple(r for r in (*lines, native_note(native_size(datasets.train.samples), final)) if r)
     if measuring_counts:  # the choosing took time too: the plan gives it back (twice it: the trim's time as well)
         choosing = time.perf_counter() - begin - measuring

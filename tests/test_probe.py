@@ -97,6 +97,9 @@ def test_where_the_probe_says_small_sizes_lose_the_classes_every_epoch_is_at_the
     plan, calls = _plan(tiny_config, monkeypatch, 600.0, {32: 7.2, 48: 38.0, 64: 43.2})
     assert len(calls) == 1 and {s["img_size"] for s in plan.raw["stages"]} == {64}
     assert plan.reasons[0].startswith("every epoch at 64 px: smaller sizes lose the classes here")
+    plan, _ = _plan(tiny_config, monkeypatch, 600.0, {32: 80.0, 48: 79.0, 64: 79.5})  # kept: both lines
+    assert plan.raw["stages"][0]["img_size"] == [32, 64] and plan.reasons[0].startswith("a ramp from 32 px pays: ")
+    assert plan.reasons[1].startswith("a ramp from 32 px: the smallest size within 2 points of 64 px")
 
 
 def test_no_probe_for_a_given_start_nor_a_budget_too_short_for_it(tiny_config, monkeypatch):
