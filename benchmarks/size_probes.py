@@ -95,7 +95,7 @@ def probe(folder: Path, final: int, n: int) -> dict:
     return {str(s): r for s, r in rows.items()}
 
 
-def trained_probe(folder: Path, final: int, n: int, stages: Path) -> dict:
+def trained_probe(folder: Path, final: int, n: int, stages: Path, seed: int = 0) -> dict:
     """The probe `plan --budget` runs (`pipeline.probe`): the stages file's model and optimizer, trained
     briefly at the sizes the plan measures, on `n` sampled training images of `folder`."""
     from pipeline.budget import candidate_sizes
@@ -106,7 +106,7 @@ def trained_probe(folder: Path, final: int, n: int, stages: Path) -> dict:
     cfg = load_config(stages, [f"data.train={folder / 'train'}", f"data.val={folder / 'val'}"])
     datasets = scan_datasets(cfg.data)
     sizes = candidate_sizes(final)
-    result = probe_sizes(cfg, datasets, len(datasets.classes), sizes, final, n, torch.device("cpu"))
+    result = probe_sizes(cfg, datasets, len(datasets.classes), sizes, final, n, torch.device("cpu"), seed)
     return {"top1": {str(s): t for s, t in result.top1.items()}, "images": result.images,
             "seconds": round(result.seconds, 1), "start": result.start(final), "line": result.line(final)}  # fmt: skip
 
@@ -128,7 +128,7 @@ def main() -> None:
         path, _, final = rest.partition("@")
         t0 = time.perf_counter()
         if args.probes == "trained":
-            report[name] = trained_probe(Path(path), int(final or 64), args.images, args.stages)
+            report[name] = trained_probe(Path(path), int(final or 64), args.images, args.stages, args.seed)
             print(f"{name}: {report[name]['line']}", flush=True)
             if args.json:
                 args.json.write_text(json.dumps(report, indent=1))

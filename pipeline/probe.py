@@ -143,13 +143,22 @@ def _trained_top1(cfg: Config, num_classes: int, data, size: int, device: torch.
 
 
 def probe_sizes(
-    cfg: Config, datasets, num_classes: int, sizes: list[int], final: int, images: int, device: torch.device
+    cfg: Config,
+    datasets,
+    num_classes: int,
+    sizes: list[int],
+    final: int,
+    images: int,
+    device: torch.device,
+    seed: int = 0,
 ) -> ProbeResult:
-    """Train FILE's model briefly at each of `sizes` on `images` sampled training images; the top-1 of each."""
+    """Train FILE's model briefly at each of `sizes` on `images` sampled training images; the top-1 of each.
+    `seed`: the sample, the starting weights and the order (the plan uses 0)."""
     t0 = time.perf_counter()
-    train = _load(_sample(datasets.train.samples, images), final)
-    val = _load(_sample(datasets.val.samples, min(PROBE_VAL, len(datasets.val.samples))), final)
-    top1 = {size: round(_trained_top1(cfg, num_classes, (train, val), size, device), 1) for size in sorted(sizes)}
+    train = _load(_sample(datasets.train.samples, images, seed), final)
+    val = _load(_sample(datasets.val.samples, min(PROBE_VAL, len(datasets.val.samples)), seed), final)
+    data = (train, val)
+    top1 = {size: round(_trained_top1(cfg, num_classes, data, size, device, seed), 1) for size in sorted(sizes)}
     return ProbeResult(top1, len(train[0]), time.perf_counter() - t0, num_classes)
 
 

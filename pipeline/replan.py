@@ -96,20 +96,12 @@ class Replanner:
             length = longest(lambda x: end(x) <= self.budget_s, low, high)
         if abs(length - current) < 1e-3:
             return None
-        self.records.append(
-            {
-                "after": [done[-1].stage, done[-1].epoch],
-                "factor": round(factor, 3),
-                "last_stage_epochs": [round(current, 3), length],
-                "predicted_end_s": round(end(length), 1),
-            }
+        record = {"after": [done[-1].stage, done[-1].epoch], "factor": round(factor, 3)}
+        why = (
+            f"the epochs so far took {factor:.2f}x their predicted time; {format_epochs(length)} epochs at the "
+            f"final size (was {format_epochs(current)})"
         )
-        print(
-            f"re-planning: the epochs so far took {factor:.2f}x their predicted time; {format_epochs(length)} epochs "
-            f"at the final size (was {format_epochs(current)}) end the run in about {format_duration(end(length))} of "
-            f"the {format_duration(self.budget_s)} budget"
-        )
-        return {**copy.deepcopy(raw), "stages": with_last_stage_length(raw["stages"], length)}
+        return self._replanned(record, why, raw, current, length, end(length))
 
     def _batch_seconds(self, epoch: EpochPlan) -> float:
         """A batch of `epoch`, as predicted."""
@@ -122,8 +114,8 @@ class Replanner:
         now = self.clock()
         epoch = plan.epoch(progress.stage, progress.epoch)
         stages = raw["stages"]
-        whole = plan_run(parse_config({**raw, "stages": with_last_stage_length(stages, stages[-1]["epochs"])}).stages,
-                         self.train_images).epochs[-1].batches  # fmt: skip
+        whole_last = with_last_stage_length(stages, stages[-1]["epochs"])  # the last epoch whole: its batches
+        whole = plan_run(parse_config({**raw, "stages": whole_last}).stages, self.train_images).epochs[-1].batches
         if epoch != plan.epochs[-1] or self.first is None or not self.MIN_SHARE * whole <= batches_done < epoch.batches:
             return None  # not the run's last epoch, or too early in it to know its pace, or over
         done = [e for e in plan.epochs if (e.stage, e.epoch) < (progress.stage, progress.epoch)]
@@ -142,21 +134,21 @@ class Replanner:
             return None
         current = parse_config(raw).stages[-1].length
         length = stages[-1]["epochs"] - 1 + math.ceil(1000 * batches / whole) / 1000  # rounds to >= `batches`
-        self.records.append(
-            {
-                "after": [progress.stage, progress.epoch],
-                "batch": batches_done,
-                "factor": round(seconds / batches_done / self._batch_seconds(epoch), 3),
-                "last_stage_epochs": [round(current, 3), length],
-                "predicted_end_s": round(end(batches), 1),
-            }
-        )
+        pace = seconds / batches_done
+        record = {"after": [progress.stage, progress.epoch], "batch": batches_done}
+        record["factor"] = round(pace / self._batch_seconds(epoch), 3)
+        why = f"the last epoch trains {pace:.2f} s a batch; {batches} of its {whole} batches (was {epoch.batches})"
+        return self._replanned(record, why, raw, current, length, end(batches))
+
+    def _replanned(self, record: dict, why: str, raw: dict, current: float, length: float, end_s: float) -> dict:
+        """`raw` with its last stage `length` epochs long (was `current`), recorded and said."""
+        record.update(last_stage_epochs=[round(current, 3), length], predicted_end_s=round(end_s, 1))
+        self.records.append(record)
         print(
-            f"re-planning: the last epoch trains {seconds / batches_done:.2f} s a batch; {batches} of its "
-            f"{whole} batches (was {epoch.batches}) end the run in about {format_duration(end(batches))} of the "
+            f"re-planning: {why} end the run in about {format_duration(end_s)} of the "
             f"{format_duration(self.budget_s)} budget"
         )
-        return {**copy.deepcopy(raw), "stages": with_last_stage_length(stages, length)}
+        return {**copy.deepcopy(raw), "stages": with_last_stage_length(raw["stages"], length)}
 
 
 def actual_seconds(run_dir: Path, stages: int) -> list[float]:

@@ -158,6 +158,18 @@ def test_size_probes(tiny_data, tmp_path):
     assert all(len(report[s]["features"]) == 2 and 0 <= min(report[s]["features"]) for s in report)
 
 
+def test_size_probes_trained(tiny_data, tiny_config, tmp_path):
+    """The probe `plan --budget` runs, on the tiny set with the tiny file's model: a top-1 per measured size."""
+    tiny_config["data"] = {"workers": 0}
+    stages, out = tmp_path / "tiny.yaml", tmp_path / "probes.json"
+    stages.write_text(yaml.safe_dump(tiny_config))
+    args = ["--probes", "trained", "--stages", stages, "--images", "40", "--json", out]
+    stdout = run_script("size_probes.py", f"tiny={tiny_data}@24", *args)
+    report = json.loads(out.read_text())["tiny"]
+    assert list(report["top1"]) == ["16", "24"] and report["images"] == 40 and report["start"] in (16, 24)
+    assert all(0 <= t <= 100 for t in report["top1"].values()) and f"tiny: {report['line']}" in stdout
+
+
 def test_scan_scale(tmp_path):
     """The scan and worker-memory parts on 600 files (the starts run processes: the full benchmark only)."""
     out = tmp_path / "scale.json"
