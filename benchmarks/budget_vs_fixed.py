@@ -2,8 +2,9 @@
 
 For each budget: the speeds of the stages file's setup are measured once on this machine (what `plan`
 does); the planned run (the ramp-then-settle policy) and the fixed run (the same policy with every
-epoch at the final size) are each given the budget less the time the measuring took, their epochs
-chosen from the same speeds; then both are trained, back to back, each re-planned after every epoch
+epoch at the final size) are each given the budget less the time the measuring took (the planned
+run's start-size probe, where it ran, against the planned run alone), their epochs chosen from the
+same speeds; then both are trained, back to back, each re-planned after every epoch
 as `run --budget` does (`--no-replan`: as planned at the start). `--anchors ffcv,composer` adds runs of
 those schedules' shapes (benchmarks/progressive_vs_fixed.py's), their epochs chosen the same way to fill
 the same budget. For each: the epochs, the predicted and the actual wall seconds (measuring included)
@@ -100,17 +101,19 @@ def main() -> None:
         spent = time.perf_counter() - begin
         print("\n".join(planned.reasons))
         images = len(datasets.train), len(datasets.val)
-        runs, not_run = other_plans(cfg.raw, speeds, budget - spent, final, images, anchors)
+        measured = spent - planned.probe_s  # the other runs are charged the measuring, not the planned run's probe
+        runs, not_run = other_plans(cfg.raw, speeds, budget - measured, final, images, anchors)
         for name, why in not_run.items():
             print(f"{name} {text}: not run: {why}", flush=True)
             skipped.append({"budget": text, "run": name, "why": why})
         for name, plan in {"planned": planned, **runs}.items():
             plan.raw["run"]["name"] = f"{name}-{text}"
+            charged = spent if name == "planned" else measured
             start = time.perf_counter()
-            replanner = Replanner(speeds, budget, start - spent, len(datasets.train), len(datasets.val))
+            replanner = Replanner(speeds, budget, start - charged, len(datasets.train), len(datasets.val))
             hooks = RunHooks() if args.no_replan else replanner.hooks()
             run_dir = run_training(parse_config(plan.raw), out_dir=args.out, hooks=hooks)
-            wall = spent + time.perf_counter() - start
+            wall = charged + time.perf_counter() - start
             trained = yaml.safe_load((run_dir / "config.yaml").read_text())
             record = load_run(run_dir)
             rows.append(
@@ -123,7 +126,8 @@ def main() -> None:
                     "stages": stage_lengths(trained),
                     "replans": replanner.records,
                     "epochs": plan.length,
-                    "predicted_s": round(spent + plan.seconds, 1),
+                    "predicted_s": round(charged + plan.seconds, 1),
+                    "probe_s": round(planned.probe_s, 1) if name == "planned" else 0.0,
                     "wall_s": round(wall, 1),
                     "stage_s": {
                         "predicted": plan.stage_seconds,

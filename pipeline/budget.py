@@ -23,11 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from pipeline.config import STAGE_SIZE_KEYS, Config, parse_config
 from pipeline.errors import ConfigError
-from pipeline.speeds import Speeds, measure_speeds, measurement_config, native_size, per_image
+from pipeline.speeds import Speeds, check_sizes, measure_speeds, measurement_config, native_size, per_image
 from pipeline.train.plan import (
     RAMP_MULTIPLE,
     format_duration,
@@ -130,7 +128,8 @@ class BudgetPlan:
     epochs: int  # of the shape the plan fills (its last stage may have a share of one more: `extra`)
     stage_seconds: list[float]  # predicted, per stage
     start_s: float
-    measuring_s: float = 0.0  # the measuring, where it counts against the budget (`run --budget`)
+    measuring_s: float = 0.0  # the measuring (and the probe), where it counts against the budget (`run --budget`)
+    probe_s: float = 0.0  # the start-size probe's share of it (`pipeline.probe`)
     reasons: tuple[str, ...] = ()  # why the plan starts where it does, what the data's size says
     val_images: int = 0
     train_images: int = 0
@@ -258,7 +257,7 @@ def plan_budget(
     measured = measurement_config(raw, final)
     device, datasets, num_classes = prepare(measured)
     sizes = candidate_sizes(final, start)
-    _check_sizes(build_model(dataclasses.replace(measured.model, pretrained=None), num_classes), sizes, device)
+    check_sizes(build_model(dataclasses.replace(measured.model, pretrained=None), num_classes), sizes, device)
     log(f"measuring {measured.model.arch} on {device} at {', '.join(map(str, sizes))} px ...")
     speeds = measure_speeds(measured, sizes, log=log)
     first, why = choose_start(speeds, final, start)
@@ -273,28 +272,17 @@ def plan_budget(
         return (*choose_ramp(plan, fixed, first, final), measuring)
 
     plan, instead, measuring = choose(first)
-    lines = [instead or why]
+    lines, probe_s = [instead or why], 0.0
     if start is None and instead is None and first < final:  # the ramp pays in time: do its sizes keep the classes?
         from pipeline.probe import probe_start
 
+        t0 = time.perf_counter()
         probed, kept = probe_start(measured, datasets, num_classes, device, speeds, sizes, budget_s - measuring)
+        probe_s = time.perf_counter() - t0
         plan, instead, measuring = choose(kept)
         lines = [why if kept == first else None, probed, instead]  # why it pays, when from the same start
     reasons = tuple(r for r in (*lines, native_note(native_size(datasets.train.samples), final)) if r)
     if measuring_counts:  # the choosing took time too: the plan gives it back (twice it: the trim's time as well)
         choosing = time.perf_counter() - begin - measuring
         plan = within(plan, speeds, budget_s - measuring - 2 * choosing)
-    return dataclasses.replace(plan, measuring_s=measuring, reasons=reasons), speeds
-
-
-def _check_sizes(model: torch.nn.Module, sizes: list[int], device: torch.device) -> None:
-    """A forward at every size the plan may use: a model with a fixed input size fails here, in one line."""
-    from pipeline.model import input_problem
-
-    for size in sizes:
-        problem = input_problem(model.to(device), size, device)
-        if problem:
-            raise ConfigError(
-                f"--final-size {max(sizes)}: the model cannot take {size} px input, "
-                f"a size the plan would use ({problem})"
-            )
+    return dataclasses.replace(plan, measuring_s=measuring, probe_s=probe_s, reasons=reasons), speeds

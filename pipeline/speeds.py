@@ -179,3 +179,17 @@ def native_size(samples: list[tuple[str, int]], most: int = 64) -> int | None:
         except Exception:  # noqa: BLE001 - a bad file is the loader's to report
             continue
     return int(statistics.median(sides)) if sides else None
+
+
+def check_sizes(model: torch.nn.Module, sizes: list[int], device: torch.device) -> None:
+    """A forward at every size the plan may use: a model with a fixed input size fails here, in one line."""
+    from pipeline.errors import ConfigError
+    from pipeline.model import input_problem
+
+    for size in sizes:
+        problem = input_problem(model.to(device), size, device)
+        if problem:
+            raise ConfigError(
+                f"--final-size {max(sizes)}: the model cannot take {size} px input, "
+                f"a size the plan would use ({problem})"
+            )
