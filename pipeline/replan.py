@@ -29,7 +29,9 @@ class Replanner:
     epochs each epoch too), and the last stage (at the final size) gets the length, in whole epochs and a
     share of one more (`last_epoch_share`), that ends the run on the budget. Nothing changes while the
     predicted end is within `SLACK` of the budget; the run never ends before `MIN_SHARE` of one more
-    epoch (its schedule has to finish its curve), nor grows after its last planned epoch. Inside that
+    epoch (its schedule has to finish its curve), nor grows after its last planned epoch, except that a
+    run behind its budget whose planned share of one more epoch was already under `MIN_SHARE` may end
+    at the epoch just trained, where that lands nearer the budget. Inside that
     last epoch (`within`, from `MIN_SHARE` of its batches on), the pace of its own batches so far sets
     its length the same way, between `MIN_SHARE` and a whole epoch."""
 
@@ -94,6 +96,8 @@ class Replanner:
             while end(high) < self.budget_s and high < MAX_EPOCHS:
                 low, high = high, min(2 * high, MAX_EPOCHS)
             length = longest(lambda x: end(x) <= self.budget_s, low, high)
+        elif begun >= 1 and current - begun < self.MIN_SHARE and self.budget_s - end(begun) < end(low) - self.budget_s:
+            length = begun  # its curve was within a quarter epoch of its end: the run ends here, nearer the budget
         if abs(length - current) < 1e-3:
             return None
         record = {"after": [done[-1].stage, done[-1].epoch], "factor": round(factor, 3)}

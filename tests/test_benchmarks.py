@@ -124,6 +124,7 @@ def test_budget_vs_fixed(tiny_config, write_yaml, tmp_path):
     assert all(r["predicted_s"] <= 10 and r["wall_s"] > 0 and r["epochs"] >= 1 for r in rows)
     assert "| 10s | planned |" in text
     assert planned["reasons"] and planned["reasons"][0] in text  # why the planner chose it, said and kept
+    assert planned["probe_s"] >= 0 and fixed["probe_s"] == ffcv["probe_s"] == 0  # a probe is the plan's own cost
 
 
 def test_predict_speed(tiny_config, tmp_path):

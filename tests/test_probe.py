@@ -87,7 +87,7 @@ def test_where_the_ramp_pays_the_probe_chooses_its_start(tiny_config, monkeypatc
     plan, calls = _plan(tiny_config, monkeypatch, 600.0, top1, speeds=steep)
     assert calls == [([32, 48, 64], 40)]  # the tiny set's 40 training images, at the measured sizes
     assert plan.raw["stages"][0]["img_size"] == [48, 64] and plan.raw["stages"][-1]["img_size"] == 64
-    assert plan.reasons[0].startswith("a ramp from 48 px")
+    assert plan.reasons[0].startswith("a ramp from 48 px") and plan.probe_s > 0
     plan, _ = _plan(tiny_config, monkeypatch, 600.0, top1)  # here a ramp from 48 px buys too few epochs
     assert {s["img_size"] for s in plan.raw["stages"]} == {64} and plan.reasons[0].startswith("a ramp from 48 px")
     assert plan.reasons[1].startswith("every epoch at 64 px: a ramp from 48 px would fit")
@@ -105,6 +105,7 @@ def test_where_the_probe_says_small_sizes_lose_the_classes_every_epoch_is_at_the
 def test_no_probe_for_a_given_start_nor_a_budget_too_short_for_it(tiny_config, monkeypatch):
     plan, calls = _plan(tiny_config, monkeypatch, 600.0, None, start=32)
     assert calls == [] and plan.raw["stages"][0]["img_size"] == [32, 64]  # --start-size: as given
+    assert plan.probe_s == 0.0
     plan, calls = _plan(tiny_config, monkeypatch, 6.0, None)  # 0.6 s for the probe: 17 images
     assert calls == [] and {s["img_size"] for s in plan.raw["stages"]} == {64}
     assert plan.reasons[0] == (

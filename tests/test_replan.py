@@ -15,7 +15,7 @@ from pipeline.budget import choose_plan
 from pipeline.config import ScheduleConfig, parse_config
 from pipeline.replan import Replanner
 from pipeline.train.checkpoint import Checkpoint, Progress
-from pipeline.train.plan import plan_run
+from pipeline.train.plan import plan_run, with_last_stage_length
 from pipeline.train.run import RunHooks, run_training
 from pipeline.train.schedule import build_scheduler, respan_scheduler
 from tests.conftest import Killed
@@ -122,6 +122,41 @@ def test_no_re_plan_within_the_slack_nor_after_the_last_epoch(tiny_config):
     raw = copy.deepcopy(tiny_config)
     plan = plan_run(parse_config(raw).stages, 40)
     assert replanner(plan, raw, Progress(stage=1, epoch=1)) is None  # the run is over: nothing to add to
+
+
+@pytest.mark.parametrize("share,length", [(0.076, 2), (0.4, 2.25)])
+def test_a_run_behind_with_a_sliver_of_an_epoch_left_ends_at_the_epoch_it_trained(tiny_config, share, length):
+    """Two epochs done, 1 s from the end of a 20 s budget, 1.4x slower than predicted: a quarter of one
+    more epoch would end it about 2 s over. Where the plan had under a quarter left (its curve all but
+    over) the run ends now; where it had more, it still trains the quarter its schedule needs."""
+    raw = copy.deepcopy(tiny_config)
+    raw["stages"] = [{"img_size": 64, "batch_size": 10, "epochs": 3, "last_epoch_share": share}]
+    plan = plan_run(parse_config(raw).stages, 1000)
+    now = [0.0]
+    replanner = Replanner(SPEEDS, 20.0, 0.0, 1000, 200, clock=lambda: now[0])
+    replanner.epoch_start(0, 0)
+    now[0] = 19.0
+    new = replanner(plan, raw, Progress(stage=0, epoch=2))
+    assert parse_config(new).stages[-1].length == length
+    assert replanner.records[-1]["last_stage_epochs"] == [2 + share, length]
+
+
+@pytest.mark.slow
+def test_a_re_plan_may_end_the_run_at_the_epoch_just_trained(tiny_config, tmp_path):
+    tiny_config["train"]["size_jumps"] = "off"
+    tiny_config["stages"][1].update(epochs=2, last_epoch_share=0.1)
+
+    def end_now(plan, raw, progress):  # after the last stage's first epoch: no sliver of a second one
+        if (progress.stage, progress.epoch) != (1, 1):
+            return None
+        return {**copy.deepcopy(raw), "stages": with_last_stage_length(raw["stages"], 1)}
+
+    run = run_training(parse_config(tiny_config), out_dir=tmp_path, hooks=RunHooks(replan=end_now))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in records if r["kind"] == "epoch"] == [(0, 0), (0, 1), (1, 0)]
+    assert len(json.loads((run / "summary.json").read_text())["stages"]) == 2  # the last stage ended and recorded
+    assert yaml.safe_load((run / "config.yaml").read_text())["stages"][-1]["epochs"] == 1
+    assert (run / "checkpoints" / "stage1.pt").is_file()
 
 
 def _replan_after_first_epoch(raw_before: dict, progress: Progress) -> dict | None:

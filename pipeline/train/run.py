@@ -207,7 +207,7 @@ class Trainer:
 
     def end_epoch(self, parts: StageParts, progress: Progress, epoch: int, result: EpochResult) -> None:
         """Validate, record, report and checkpoint a finished epoch; stop here if asked to."""
-        k, stage, ema, device = parts.index, parts.stage, parts.ema, self.ctx.device
+        k, ema, device = parts.index, parts.ema, self.ctx.device
         distributed.same_buffers(self.ctx.model, ema.module if ema is not None else None)
         precision = parts.train_step.precision
         val = evaluate(parts.net, parts.val_loader, precision, device)
@@ -222,6 +222,7 @@ class Trainer:
         if raw is not None:  # new lengths for the epochs not yet begun (`run --budget`)
             self.plan = take_plan(self.ctx, parts, progress, self.plan, raw)
             self.cfg = self.ctx.cfg
+        stage = parts.stage  # as re-planned: a re-plan may end it at this epoch
         stage_done = progress.epoch == stage.epochs
         if stage_done:  # record it before saving
             progress.finish_stage(stage, val["top1"], val_ema["top1"] if val_ema else None)
