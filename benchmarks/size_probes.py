@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--probes", default="detail,features", help="detail,features (no training) or trained")
+    parser.add_argument("--seed", type=int, default=0, help="the trained probe's sample and weights (the plan's: 0)")
     parser.add_argument(
         "--stages", type=Path, default=Path("stages.yaml"), help="the trained probe's model and optimizer"
     )
