@@ -13,6 +13,7 @@ faster at first), so a size the probe rejects is one whose classes are really lo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -93,12 +94,19 @@ def _load(samples: list, final: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(images), torch.tensor([label for _, label in samples])
 
 
+@functools.cache
+def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet mean and std on `device`, in 0-255 units (made once, not per batch)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    return mean, torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+
 def _at(x: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    """uint8 images at `size` px (antialiased), normalised, channels_last."""
     x = x.to(device).float()
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    mean, std = _stats(device)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
