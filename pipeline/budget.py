@@ -37,7 +37,9 @@ from pipeline.train.plan import (
 
 START_RATIO = 0.5  # the ramp starts at this share of the final size
 RAMP_PAYS = 1.3  # a ramp is planned only when its start trains at least this much faster than the final size
-RAMP_EPOCHS = 1.35  # ... and when it fits at least this many times the epochs of the final size alone
+RAMP_EPOCHS = 1.35  # ... and when it fits at least this many times the epochs of the final size alone,
+SHORT_EPOCHS = 8  # or, in a run that fits fewer epochs than this at the final size (a short one),
+SHORT_RAMP_EPOCHS = 1.2  # at least this many times them
 SETTLE_SHARE = 0.25  # the share of the epochs trained at the final size, after the ramp
 MAX_EPOCHS = 10_000
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?")
@@ -145,21 +147,30 @@ class BudgetPlan:
         return self.epochs + self.extra
 
 
-def choose_ramp(ramp: BudgetPlan, fixed: BudgetPlan, first: int, final: int) -> tuple[BudgetPlan, str | None]:
+def choose_ramp(ramp: BudgetPlan, fixed: BudgetPlan, first: int, final: int) -> tuple[BudgetPlan, str]:
     """The ramp, or the final size alone where the ramp does not buy `RAMP_EPOCHS` times its epochs in
-    the same budget (with the reason). At equal epochs a ramp ends up to 1.5 points lower on real data
-    (the suite in BENCHMARKS.md); in the measured budgets, ramps first planned with 1.15 to 1.33x the
-    epochs ended 0.6 to 15 points below the final size alone on Fashion-MNIST, the digits task and (a
-    slower machine) the demo, and above it on UCI's digits; the one with 1.4x (the demo) ended level.
-    The ratio itself moves by up to 16% with the measurement, so the bar is set above the losses."""
+    the same budget (`SHORT_RAMP_EPOCHS` in a run of under `SHORT_EPOCHS`), with the reason. At equal
+    epochs a ramp ends up to 1.5 points lower on real data (the suite in BENCHMARKS.md); ramps with 1.15
+    to 1.33x the epochs of 9 to 17 at the final size ended 0.6 to 15 points below it on Fashion-MNIST,
+    UCI's digits and the demo; the one with 1.4x ended level. In runs of 5 to 6 epochs at the final
+    size, where each epoch still adds most, a ramp from half it with 1.23 to 1.34x the epochs ended 3
+    to 29 points above it on the 160 px set, and 6 below on the digits task, whose small sizes the
+    probe rejects. The ratio itself moves by up to 16% with the measurement."""
     ratio = ramp.length / fixed.length
-    if ratio >= RAMP_EPOCHS:
-        return ramp, None
-    return fixed, (
-        f"every epoch at {final} px: a ramp from {first} px would fit {format_epochs(ramp.length)} epochs in this "
-        f"budget against {format_epochs(fixed.length)} at {final} px ({ratio:.2f}x, under {RAMP_EPOCHS}x), too few "
-        "more to make up for its smaller sizes"
+    short = fixed.length < SHORT_EPOCHS
+    bar = SHORT_RAMP_EPOCHS if short else RAMP_EPOCHS
+    fits = (
+        f"a ramp from {first} px would fit {format_epochs(ramp.length)} epochs in this budget against "
+        f"{format_epochs(fixed.length)} at {final} px ({ratio:.2f}x"
     )
+    if ratio >= RAMP_EPOCHS:
+        return ramp, f"{fits})"
+    if ratio >= bar:
+        return ramp, (
+            f"{fits}, under {RAMP_EPOCHS}x but at least {bar}x in a run of under {SHORT_EPOCHS} epochs, where each "
+            "epoch more is worth more than the smaller sizes cost)"
+        )
+    return fixed, f"every epoch at {final} px: {fits}, under {bar}x), too few more to make up for its smaller sizes"
 
 
 def predict(cfg: Config, speeds: Speeds, train_images: int, val_images: int) -> list[float]:
@@ -263,24 +274,25 @@ def plan_budget(
     first, why = choose_start(speeds, final, start)
     images = len(datasets.train), len(datasets.val)
 
-    def choose(first: int) -> tuple[BudgetPlan, str | None, float]:  # the plan from `first`, and what it cost
+    def choose(first: int) -> tuple[BudgetPlan, bool, str | None, float]:  # the plan from `first`: ramped, why
         measuring = time.perf_counter() - begin if measuring_counts else 0.0
         plan = choose_plan(raw, speeds, budget_s - measuring, final, *images, first)
         if start is not None or first == final:  # the user's --start-size is planned as given
-            return plan, None, measuring
+            return plan, first < final, None, measuring
         fixed = choose_plan(raw, speeds, budget_s - measuring, final, *images, final)
-        return (*choose_ramp(plan, fixed, first, final), measuring)
+        chosen, fits = choose_ramp(plan, fixed, first, final)
+        return chosen, chosen is plan, fits, measuring
 
-    plan, instead, measuring = choose(first)
-    lines, probe_s = [instead or why], 0.0
-    if start is None and instead is None and first < final:  # the ramp pays in time: do its sizes keep the classes?
+    plan, ramped, fits, measuring = choose(first)
+    lines, probe_s = [why, fits] if ramped else [fits or why], 0.0
+    if start is None and ramped:  # the ramp pays in time: do its sizes keep the classes?
         from pipeline.probe import probe_start
 
         t0 = time.perf_counter()
         probed, kept = probe_start(measured, datasets, num_classes, device, speeds, sizes, budget_s - measuring)
         probe_s = time.perf_counter() - t0
-        plan, instead, measuring = choose(kept)
-        lines = [why if kept == first else None, probed, instead]  # why it pays, when from the same start
+        plan, ramped, fits, measuring = choose(kept)
+        lines = [why, probed, fits] if kept == first else [probed, fits]  # why it pays, when from the same start
     reasons = tuple(r for r in (*lines, native_note(native_size(datasets.train.samples), final)) if r)
     if measuring_counts:  # the choosing took time too: the plan gives it back (twice it: the trim's time as well)
         choosing = time.perf_counter() - begin - measuring
