@@ -6,10 +6,10 @@ progressive-vs-fixed benchmark: one ramp from half the final size up to it, then
 epochs at the final size (with FILE's last stage's keys, e.g. `mixup: off`), one batch size, one
 schedule over the run. The ramp is planned only where the measurements say it pays: when the start
 size does not train at least `RAMP_PAYS` times as fast as the final size on this machine, or the
-ramp does not fit at least `RAMP_EPOCHS` times the epochs of the final size alone in the budget (the
-speeds, the data's size and each epoch's fixed costs decide), every epoch is at the final size. Where
-the ramp pays in time, a short training probe (`pipeline.probe`) chooses its start: the smallest size
-that keeps the classes. The plan says why it chose what it chose, and how large the images are.
+ramp does not fit `RAMP_EPOCHS` times the epochs of the final size alone in the budget (in a run of
+under `SHORT_EPOCHS`, `SHORT_RAMP_EPOCHS`: early epochs add most), every epoch is at the final size.
+Where the ramp pays in time, a short training probe (`pipeline.probe`) chooses its start: the smallest
+size that keeps the classes. The plan says why it chose what it chose, and how large the images are.
 """
 
 from __future__ import annotations
@@ -157,11 +157,10 @@ def choose_ramp(ramp: BudgetPlan, fixed: BudgetPlan, first: int, final: int) -> 
     to 29 points above it on the 160 px set, and 6 below on the digits task, whose small sizes the
     probe rejects. The ratio itself moves by up to 16% with the measurement."""
     ratio = ramp.length / fixed.length
-    short = fixed.length < SHORT_EPOCHS
-    bar = SHORT_RAMP_EPOCHS if short else RAMP_EPOCHS
-    fits = (
+    bar = SHORT_RAMP_EPOCHS if fixed.length < SHORT_EPOCHS else RAMP_EPOCHS
+    fits = (  # the ratio shown rounded down, so that one under a bar never reads as the bar
         f"a ramp from {first} px would fit {format_epochs(ramp.length)} epochs in this budget against "
-        f"{format_epochs(fixed.length)} at {final} px ({ratio:.2f}x"
+        f"{format_epochs(fixed.length)} at {final} px ({math.floor(ratio * 100) / 100:.2f}x"
     )
     if ratio >= RAMP_EPOCHS:
         return ramp, f"{fits})"

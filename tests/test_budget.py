@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 
 import pytest
@@ -102,15 +103,19 @@ def test_another_schedule_shape_fills_the_same_budget(tiny_config):
     assert fixed.epochs - 1 <= shaped.epochs <= fixed.epochs  # one epoch at 32 px in place of one at 64 px
 
 
+def shown(ramp, fixed) -> str:
+    """The ratio of their epochs as the plan's line shows it: rounded down to hundredths."""
+    return f"{math.floor(100 * ramp.length / fixed.length) / 100:.2f}x"
+
+
 def test_a_ramp_is_planned_only_where_it_buys_enough_more_epochs(tiny_config):
     raw = raw_config(tiny_config)
     ramp, fixed = (choose_plan(raw, SPEEDS, 200.0, 64, 1000, 200, start) for start in (32, 64))
     assert ramp.epochs >= budget.RAMP_EPOCHS * fixed.epochs  # 32 px at 4x the images/s of 64 px: the ramp buys epochs
-    ratio = f"{ramp.length / fixed.length:.2f}x"
     assert choose_ramp(ramp, fixed, 32, 64) == (
         ramp,
         f"a ramp from 32 px would fit {format_epochs(ramp.length)} epochs in this budget against "
-        f"{format_epochs(fixed.length)} at 64 px ({ratio})",
+        f"{format_epochs(fixed.length)} at 64 px ({shown(ramp, fixed)})",
     )
     # 32 px at 1.4x (past RAMP_PAYS) but an epoch's fixed costs dominate: the ramp buys too few epochs
     costly = Speeds(train={32: 280.0, 64: 200.0}, val=SPEEDS.val, new_size_s=2.0, epoch_s=6.0, start_s=5.0)
@@ -121,10 +126,9 @@ def test_a_ramp_is_planned_only_where_it_buys_enough_more_epochs(tiny_config):
     assert chosen is fixed and {s["img_size"] for s in chosen.raw["stages"]} == {64}
     assert why == (
         f"every epoch at 64 px: a ramp from 32 px would fit {format_epochs(ramp.length)} epochs in this budget "
-        f"against {format_epochs(fixed.length)} at 64 px ({ramp.length / fixed.length:.2f}x, under 1.35x), too few "
+        f"against {format_epochs(fixed.length)} at 64 px ({shown(ramp, fixed)}, under 1.35x), too few "
         "more to make up for its smaller sizes"
     )
-
 
 
 def test_a_short_run_takes_a_ramp_that_buys_fewer_more_epochs(tiny_config):
@@ -138,13 +142,17 @@ def test_a_short_run_takes_a_ramp_that_buys_fewer_more_epochs(tiny_config):
     chosen, why = choose_ramp(of(6.5), fixed, 32, 64)  # 1.3x: under RAMP_EPOCHS, over SHORT_RAMP_EPOCHS
     assert chosen.length == 6.5
     assert why == (
-        f"a ramp from 32 px would fit {format_epochs(6.5)} epochs in this budget against 5 at 64 px (1.30x, under 1.35x but at "
-        "least 1.2x in a run of under 8 epochs, where each epoch more is worth more than the smaller sizes cost)"
+        f"a ramp from 32 px would fit {format_epochs(6.5)} epochs in this budget against 5 at 64 px (1.30x, under "
+        "1.35x but at least 1.2x in a run of under 8 epochs, where each epoch more is worth more than the smaller "
+        "sizes cost)"
     )
     chosen, why = choose_ramp(of(5.5), fixed, 32, 64)  # 1.1x: too few more even in a short run
     assert chosen is fixed and "(1.10x, under 1.2x)" in why
+    chosen, why = choose_ramp(of(5.98), fixed, 32, 64)  # 1.196x: shown rounded down, never as the bar itself
+    assert chosen is fixed and "(1.19x, under 1.2x)" in why
     chosen, why = choose_ramp(of(10.4), of(8.0), 32, 64)  # 1.3x of 8 epochs: not a short run
     assert chosen.length == 8.0 and "(1.30x, under 1.35x)" in why
+
 
 def test_the_plan_reads_the_training_images_size(tiny_data):
     from pipeline.data.index import scan_image_folder

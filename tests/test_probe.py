@@ -100,7 +100,9 @@ def test_where_the_probe_says_small_sizes_lose_the_classes_every_epoch_is_at_the
     plan, _ = _plan(tiny_config, monkeypatch, 600.0, {32: 80.0, 48: 79.0, 64: 79.5})  # kept: both lines
     assert plan.raw["stages"][0]["img_size"] == [32, 64] and plan.reasons[0].startswith("a ramp from 32 px pays: ")
     assert plan.reasons[1].startswith("a ramp from 32 px: the smallest size within 2 points of 64 px")
-    assert plan.reasons[2].startswith("a ramp from 32 px would fit") and plan.reasons[3].startswith("the training images are about")
+    assert plan.reasons[2].startswith("a ramp from 32 px would fit") and plan.reasons[3].startswith(
+        "the training images are about"
+    )
 
 
 def test_no_probe_for_a_given_start_nor_a_budget_too_short_for_it(tiny_config, monkeypatch):
