@@ -150,12 +150,12 @@ class BudgetPlan:
 def choose_ramp(ramp: BudgetPlan, fixed: BudgetPlan, first: int, final: int) -> tuple[BudgetPlan, str]:
     """The ramp, or the final size alone where the ramp does not buy `RAMP_EPOCHS` times its epochs in
     the same budget (`SHORT_RAMP_EPOCHS` in a run of under `SHORT_EPOCHS`), with the reason. At equal
-    epochs a ramp ends up to 1.5 points lower on real data (the suite in BENCHMARKS.md); ramps with 1.15
-    to 1.33x the epochs of 9 to 17 at the final size ended 0.6 to 15 points below it on Fashion-MNIST,
-    UCI's digits and the demo; the one with 1.4x ended level. In runs of 5 to 6 epochs at the final
-    size, where each epoch still adds most, a ramp from half it with 1.23 to 1.34x the epochs ended 3
-    to 29 points above it on the 160 px set, and 6 below on the digits task, whose small sizes the
-    probe rejects. The ratio itself moves by up to 16% with the measurement."""
+    epochs a ramp ends up to 1.5 points lower on real data (the suite in BENCHMARKS.md); ramps from half
+    the final size with 1.15 to 1.33x the epochs of 9 to 17 at it ended up to 15.7 points below it on
+    UCI's digits, Fashion-MNIST and the demo (level on Fashion-MNIST at 2 minutes). In runs of 4 to 6
+    epochs at the final size, where each epoch still adds most, the plan's ramp with 1.26 to 1.37x the
+    epochs ended 2.2 to 12 points above it on the 160 px set, seeds 0-2. The ratio itself moves by up
+    to 16% with the measurement; the probe still decides whether the ramp's sizes keep the classes."""
     ratio = ramp.length / fixed.length
     bar = SHORT_RAMP_EPOCHS if fixed.length < SHORT_EPOCHS else RAMP_EPOCHS
     fits = (  # the ratio shown rounded down, so that one under a bar never reads as the bar
