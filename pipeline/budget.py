@@ -290,7 +290,7 @@ def plan_budget(
         t0 = time.perf_counter()
         probed, kept = probe_start(measured, datasets, num_classes, device, speeds, sizes, budget_s - measuring)
         probe_s = time.perf_counter() - t0
-        plan, ramped, fits, measuring = choose(kept)
+        plan, _, fits, measuring = choose(kept)
         lines = [why, probed, fits] if kept == first else [probed, fits]  # why it pays, when from the same start
     reasons = tuple(r for r in (*lines, native_note(native_size(datasets.train.samples), final)) if r)
     if measuring_counts:  # the choosing took time too: the plan gives it back (twice it: the trim's time as well)
