@@ -12,7 +12,9 @@ up to it:
            BatchNorm on batch statistics, two seeds), trained and tested at size s
   trained  the probe `plan --budget` runs (`pipeline.probe`, `--probes trained`): the stages file's
            model and optimizer trained from its starting weights for 4 epochs over the sampled images
-           at F/2, 3F/4 and F, then its val top-1 at each; the size the plan would start at
+           at F, then from F/2 up until a size keeps the classes, then its val top-1 at each; the size
+           the plan would start at; then, back to back, the same at every size (F/2, 3F/4, F): the
+           top-1 table, and the seconds the early stop saves
 
     python benchmarks/size_probes.py NAME=FOLDER[@FINAL] ... [--images 1000] [--probes trained --stages stages.yaml]
 """
@@ -105,10 +107,13 @@ def trained_probe(folder: Path, final: int, n: int, stages: Path, seed: int = 0)
 
     cfg = load_config(stages, [f"data.train={folder / 'train'}", f"data.val={folder / 'val'}"])
     datasets = scan_datasets(cfg.data)
-    sizes = candidate_sizes(final)
-    result = probe_sizes(cfg, datasets, len(datasets.classes), sizes, final, n, torch.device("cpu"), seed)
-    return {"top1": {str(s): t for s, t in result.top1.items()}, "images": result.images,
-            "seconds": round(result.seconds, 1), "start": result.start(final), "line": result.line(final)}  # fmt: skip
+    sizes, cpu, classes = candidate_sizes(final), torch.device("cpu"), len(datasets.classes)
+    result = probe_sizes(cfg, datasets, classes, sizes, final, n, cpu, seed)  # as the plan runs it
+    every = probe_sizes(cfg, datasets, classes, sizes, final, n, cpu, seed, every=True)  # back to back
+    return {"top1": {str(s): t for s, t in every.top1.items()}, "images": result.images,
+            "seconds": round(result.seconds, 1), "start": result.start(final), "line": result.line(final),
+            "trained": sorted(result.top1), "every_seconds": round(every.seconds, 1),
+            "every_start": every.start(final)}  # fmt: skip
 
 
 def main() -> None:
@@ -130,7 +135,13 @@ def main() -> None:
         t0 = time.perf_counter()
         if args.probes == "trained":
             report[name] = trained_probe(Path(path), int(final or 64), args.images, args.stages, args.seed)
-            print(f"{name}: {report[name]['line']}", flush=True)
+            r = report[name]
+            print(
+                f"{name}: {r['line']}\n  trained {r['trained']} px in {r['seconds']:.1f} s; every size "
+                f"{r['every_seconds']:.1f} s ({r['seconds'] / r['every_seconds']:.2f}x), starting at "
+                f"{r['every_start']} px (the plan's probe: {r['start']} px)",
+                flush=True,
+            )
             if args.json:
                 args.json.write_text(json.dumps(report, indent=1))
             continue

@@ -6,8 +6,10 @@ folder 15.7 (BENCHMARKS.md). How much of the image survives a resize does not sa
 need no training, same page); training does. So the probe trains FILE's model from its starting
 weights, briefly and the same way, at each candidate start size and at the final size, on the same
 sample of the training images, and compares their validation top-1: a start size is kept when it
-ends at most `KEEP_POINTS` under the final size. Short training favours small sizes (they learn
-faster at first), so a size the probe rejects is one whose classes are really lost at that scale.
+ends at most `KEEP_POINTS` under the final size. It trains the final size first, then the candidates
+from the smallest up, and stops at the first kept (the larger ones could not move the start). Short
+training favours small sizes (they learn faster at first), so a size the probe rejects is one whose
+classes are really lost at that scale.
 """
 
 from __future__ import annotations
@@ -159,15 +161,24 @@ def probe_sizes(
     images: int,
     device: torch.device,
     seed: int = 0,
+    every: bool = False,
 ) -> ProbeResult:
-    """Train FILE's model briefly at each of `sizes` on `images` sampled training images; the top-1 of each.
-    `seed`: the sample, the starting weights and the order (the plan uses 0)."""
+    """Train FILE's model briefly on `images` sampled training images at the final size, then at each of
+    `sizes` from the smallest up, until one keeps the classes (the sizes above it would not change the
+    start: `ProbeResult.start`); the top-1 of each size trained (`every`: of every size, for a table).
+    `seed`: the sample, the starting weights and the order (the plan uses 0), the same at every size,
+    so a size's top-1 does not hang on which sizes were trained before it."""
     t0 = time.perf_counter()
     train = _load(_sample(datasets.train.samples, images, seed), final)
     val = _load(_sample(datasets.val.samples, min(PROBE_VAL, len(datasets.val.samples)), seed), final)
     data = (train, val)
-    top1 = {size: round(_trained_top1(cfg, num_classes, data, size, device, seed), 1) for size in sorted(sizes)}
-    return ProbeResult(top1, len(train[0]), time.perf_counter() - t0, num_classes)
+    top1 = {final: round(_trained_top1(cfg, num_classes, data, final, device, seed), 1)}
+    for size in sorted(set(sizes) - {final}):
+        result = ProbeResult(top1, len(train[0]), 0.0, num_classes)
+        if not every and result.learned and result.start(final) < final:
+            break  # a smaller size kept the classes: the start is found
+        top1[size] = round(_trained_top1(cfg, num_classes, data, size, device, seed), 1)
+    return ProbeResult(dict(sorted(top1.items())), len(train[0]), time.perf_counter() - t0, num_classes)
 
 
 def probe_start(cfg: Config, datasets, num_classes: int, device, speeds, sizes: list[int], left_s: float):

@@ -76,19 +76,27 @@ class Replanner:
         if len(done) == len(plan.epochs) or self.first is None:
             return None  # the run's last epoch is over: its schedule has ended
         factor = (now - self.first) / max(self.predicted(done), 1e-9)
-        begun = progress.epoch if progress.stage == len(raw["stages"]) - 1 else 0  # of the last stage, trained
+        lengths = [spec.length for spec in parse_config(raw).stages]
+        last = len(lengths) - 1
+        begun = progress.epoch if progress.stage == last else 0  # of the last stage, trained
+
+        def end_at(stages: list[dict]) -> float:  # the predicted wall at the end of these stages
+            epochs = plan_run(parse_config({**raw, "stages": stages}).stages, self.train_images).epochs
+            return now - self.begin + factor * self.predicted(epochs[len(done) :], done[-1])
+
+        earlier = lengths[:-1]
+        current = lengths[-1]
+        if abs(end_at(raw["stages"]) - self.budget_s) <= self.SLACK * self.budget_s:
+            return None
+        free = self._free(raw, done, progress)
+        if free:  # the epochs not yet begun before the last stage scale with it: the run keeps its shape
+            earlier = self._scaled_earlier(raw, free, begun, end_at, done)
+        if not self._keeps(raw, with_stage_lengths(raw["stages"], earlier + [current]), done):
+            earlier = lengths[:-1]  # (a change that would alter an epoch trained: the last stage alone moves)
 
         def end(length: float) -> float:  # the predicted wall at the end, with the last stage `length` epochs long
-            stages = parse_config({**raw, "stages": with_last_stage_length(raw["stages"], length)}).stages
-            return (
-                now
-                - self.begin
-                + factor * self.predicted(plan_run(stages, self.train_images).epochs[len(done) :], done[-1])
-            )
+            return end_at(with_stage_lengths(raw["stages"], earlier + [length]))
 
-        current = parse_config(raw).stages[-1].length
-        if abs(end(current) - self.budget_s) <= self.SLACK * self.budget_s:
-            return None
         low = begun + self.MIN_SHARE
         length = math.floor(1000 * low) / 1000
         if end(low) < self.budget_s:  # the longest last stage that ends within the budget
@@ -98,14 +106,68 @@ class Replanner:
             length = longest(lambda x: end(x) <= self.budget_s, low, high)
         elif begun >= 1 and current - begun < self.MIN_SHARE and self.budget_s - end(begun) < end(low) - self.budget_s:
             length = begun  # its curve was within a quarter epoch of its end: the run ends here, nearer the budget
-        if abs(length - current) < 1e-3:
+        if abs(length - current) < 1e-3 and _same(earlier, lengths[:-1]):
             return None
         record = {"after": [done[-1].stage, done[-1].epoch], "factor": round(factor, 3)}
-        why = (
-            f"the epochs so far took {factor:.2f}x their predicted time; {format_epochs(length)} epochs at the "
-            f"final size (was {format_epochs(current)})"
-        )
-        return self._replanned(record, why, raw, current, length, end(length))
+        moved = f"epochs per stage {_shown(lengths)} -> {_shown(earlier + [length])}"
+        if not _same(earlier, lengths[:-1]):
+            record["stage_epochs"] = [_shown(lengths), _shown(earlier + [length])]
+        else:
+            moved = f"{format_epochs(length)} epochs at the final size (was {format_epochs(current)})"
+        why = f"the epochs so far took {factor:.2f}x their predicted time; {moved}"
+        return self._replanned(record, why, raw, current, length, end(length), earlier)
+
+    def _free(self, raw: dict, done: list[EpochPlan], progress) -> dict[int, int]:
+        """The stages before the last whose epochs not yet begun may change in number, each with the epochs
+        of it trained: those not begun, and the one under way where it trains one fixed size (a ramp's
+        sizes follow its length: its epochs to come would meet sizes, and compiled graphs, it has not)."""
+        free = {}
+        for k, stage in enumerate(parse_config(raw).stages[:-1]):
+            trained = sum(1 for e in done if e.stage == k)
+            if k < progress.stage or trained >= stage.epochs:
+                continue
+            if trained and isinstance(raw["stages"][k]["img_size"], list):
+                continue
+            free[k] = trained
+        return free
+
+    def _keeps(self, raw: dict, stages: list[dict], done: list[EpochPlan]) -> bool:
+        """Whether `raw` with `stages` plans the epochs `done` as they were trained."""
+        epochs = plan_run(parse_config({**raw, "stages": stages}).stages, self.train_images).epochs
+        return list(epochs[: len(done)]) == list(done)
+
+    def _scaled_earlier(self, raw: dict, free: dict[int, int], begun: float, end_at, done) -> list[float]:
+        """The earlier stages' lengths when the epochs not yet begun in them and in the last stage all scale
+        by the one factor that ends the run on its budget (each keeps at least `MIN_SHARE` of an epoch
+        more; a stage before the last may end on a share of an epoch of at least `MIN_SHARE`, as the last
+        stage may). A factor whose stages would change an epoch trained (a ramp squeezed into a size jump
+        that mixes every epoch before it) is not taken: the nearest that keeps them is."""
+        lengths = [spec.length for spec in parse_config(raw).stages]
+        last = len(lengths) - 1
+
+        def scaled(s: float) -> list[float]:
+            out = list(lengths)
+            for k, trained in [*free.items(), (last, begun)]:
+                out[k] = trained + max(self.MIN_SHARE, s * (lengths[k] - trained))
+                if k != last and out[k] > 1 and 0 < out[k] % 1 < self.MIN_SHARE:
+                    out[k] = math.floor(out[k])  # no epoch of a few batches in the middle of the run
+            return [round(x, 3) for x in out]
+
+        def keeps(s: float) -> bool:
+            return self._keeps(raw, with_stage_lengths(raw["stages"], scaled(s)), done)
+
+        def fits(s: float) -> bool:
+            return keeps(s) and end_at(with_stage_lengths(raw["stages"], scaled(s))) <= self.budget_s
+
+        high = 1.0
+        while fits(high) and high < MAX_EPOCHS / max(lengths):
+            high *= 2
+        if fits(0.0):
+            return scaled(longest(fits, 0.0, high))[:-1]
+        if keeps(0.0):  # over the budget even at the least: the least
+            return scaled(0.0)[:-1]
+        least = longest(lambda s: not keeps(s), 0.0, 1.0) + 1e-3  # the shortest that keeps them
+        return scaled(least)[:-1] if keeps(least) else lengths[:-1]
 
     def _batch_seconds(self, epoch: EpochPlan) -> float:
         """A batch of `epoch`, as predicted."""
@@ -144,15 +206,39 @@ class Replanner:
         why = f"the last epoch trains {pace:.2f} s a batch; {batches} of its {whole} batches (was {epoch.batches})"
         return self._replanned(record, why, raw, current, length, end(batches))
 
-    def _replanned(self, record: dict, why: str, raw: dict, current: float, length: float, end_s: float) -> dict:
-        """`raw` with its last stage `length` epochs long (was `current`), recorded and said."""
+    def _replanned(
+        self, record: dict, why: str, raw: dict, current: float, length: float, end_s: float, earlier=None
+    ) -> dict:
+        """`raw` with its last stage `length` epochs long (was `current`), and the stages before it
+        `earlier` long where given, recorded and said."""
         record.update(last_stage_epochs=[round(current, 3), length], predicted_end_s=round(end_s, 1))
         self.records.append(record)
         print(
             f"re-planning: {why} end the run in about {format_duration(end_s)} of the "
             f"{format_duration(self.budget_s)} budget"
         )
-        return {**copy.deepcopy(raw), "stages": with_last_stage_length(raw["stages"], length)}
+        lengths = (earlier if earlier is not None else [s.length for s in parse_config(raw).stages][:-1]) + [length]
+        return {**copy.deepcopy(raw), "stages": with_stage_lengths(raw["stages"], lengths)}
+
+
+def with_stage_lengths(stages: list[dict], lengths: list[float]) -> list[dict]:
+    """`stages` with each `lengths` epochs long: whole epochs, then a share of one more
+    (`last_epoch_share`, to a thousandth); a stage whose length is unchanged is left as written."""
+    stages = copy.deepcopy(stages)
+    for k, (stage, length) in enumerate(zip(stages, lengths)):
+        if abs(stage["epochs"] - 1 + stage.get("last_epoch_share", 1.0) - length) > 5e-4:  # moved
+            stages[k] = with_last_stage_length([stage], length)[0]
+    return stages
+
+
+def _same(a: list[float], b: list[float]) -> bool:
+    """Stage lengths equal to a thousandth of an epoch."""
+    return all(abs(x - y) < 5e-4 for x, y in zip(a, b))
+
+
+def _shown(lengths: list[float]) -> list:
+    """Stage lengths as a record shows them: 3, or 2.4 (its last epoch at a share)."""
+    return [int(x) if abs(x - round(x)) < 5e-4 else round(x, 3) for x in lengths]
 
 
 def actual_seconds(run_dir: Path, stages: int) -> list[float]:
@@ -206,5 +292,8 @@ def format_outcome(
             if "batch" in r
             else f"after stage {stage} epoch {epoch}"
         )
-        rows.append(f"re-planned {where}: the last stage {format_epochs(first)} -> {format_epochs(then)} epochs")
+        moved = f"the last stage {format_epochs(first)} -> {format_epochs(then)} epochs"
+        if "stage_epochs" in r:
+            moved = f"epochs per stage {r['stage_epochs'][0]} -> {r['stage_epochs'][1]}"
+        rows.append(f"re-planned {where}: {moved}")
     return "\n".join(rows)

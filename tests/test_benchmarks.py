@@ -169,6 +169,8 @@ def test_size_probes_trained(tiny_data, tiny_config, tmp_path):
     report = json.loads(out.read_text())["tiny"]
     assert list(report["top1"]) == ["16", "24"] and report["images"] == 40 and report["start"] in (16, 24)
     assert all(0 <= t <= 100 for t in report["top1"].values()) and f"tiny: {report['line']}" in stdout
+    assert report["trained"] == [16, 24] and report["every_start"] == report["start"]  # two sizes: both trained
+    assert report["every_seconds"] > 0 and "every size" in stdout
 
 
 def test_scan_scale(tmp_path):

@@ -68,6 +68,32 @@ def test_a_probe_on_tiny_data_trains_at_each_size_and_repeats(tiny_config):
     assert again.top1 == first.top1  # seeded: the same sample, weights and order
 
 
+@pytest.mark.parametrize(
+    "top1,trained",
+    [
+        ({32: 80.0, 48: 79.0, 64: 79.5}, [64, 32]),  # 32 px keeps the classes: 48 px could not move the start
+        ({32: 11.0, 48: 44.0, 64: 43.2}, [64, 32, 48]),  # lost at 32 px: 48 px is probed
+        ({32: 7.2, 48: 38.0, 64: 43.2}, [64, 32, 48]),  # lost below the final size
+        ({32: 12.0, 48: 25.0, 64: 11.0}, [64, 32, 48]),  # too near chance at 32 and 64 px to stop there
+    ],
+)
+def test_the_probe_stops_at_the_smallest_size_that_keeps_the_classes(tiny_config, monkeypatch, top1, trained):
+    cfg = parse_config(tiny_config)
+    sizes = []
+
+    def fake_top1(cfg, num_classes, data, size, device, seed=0):
+        sizes.append(size)
+        return top1[size]
+
+    monkeypatch.setattr(probe, "_trained_top1", fake_top1)
+    result = probe_sizes(cfg, scan_datasets(cfg.data), 10, [32, 48, 64], 64, 32, torch.device("cpu"))
+    assert sizes == trained and sorted(result.top1) == sorted(trained)
+    assert result.start(64) == ProbeResult(top1, 32, 1.0, 10).start(64)  # what probing every size keeps
+    sizes.clear()
+    every = probe_sizes(cfg, scan_datasets(cfg.data), 10, [32, 48, 64], 64, 32, torch.device("cpu"), every=True)
+    assert sizes == [64, 32, 48] and every.top1 == top1  # benchmarks/size_probes.py's table: every size
+
+
 def _plan(tiny_config, monkeypatch, budget_s: float, top1: dict[int, float] | None, start=None, speeds=FAST):
     monkeypatch.setattr(budget, "measure_speeds", lambda *args, **kwargs: speeds)
     calls = []

@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.budget import choose_plan
 from pipeline.config import ScheduleConfig, parse_config
-from pipeline.replan import Replanner
+from pipeline.replan import Replanner, with_stage_lengths
 from pipeline.train.checkpoint import Checkpoint, Progress
 from pipeline.train.plan import plan_run, with_last_stage_length
 from pipeline.train.run import RunHooks, run_training
@@ -70,11 +70,20 @@ def _simulated_run(
         {"img_size": 32, "batch_size": 10, "epochs": 3},
         {"img_size": 64, "batch_size": 10, "epochs": 1, "mixup": "off"},
     ]
-    train_images, val_images, planning = 1000, 200, 4.0
-    plan = choose_plan(raw, SPEEDS, budget_s - planning, 64, train_images, val_images, start)
+    planning = 4.0
+    plan = choose_plan(raw, SPEEDS, budget_s - planning, 64, 1000, 200, start)
+    return _on_a_slower_clock(plan.raw, budget_s, slower, replan, planning)
+
+
+def _on_a_slower_clock(
+    raw: dict, budget_s: float, slower: float, replan: bool, planning: float = 4.0
+) -> tuple[float, list[float]]:
+    """`raw`'s stages trained on a clock where every epoch takes `slower` times its prediction, after
+    `planning` s: the wall at the end and each stage's length in epochs (3.4: the last at 0.4)."""
+    train_images, val_images = 1000, 200
     now = [0.0]
     replanner = Replanner(SPEEDS, budget_s, 0.0, train_images, val_images, clock=lambda: now[0])
-    raw, cfg = plan.raw, parse_config(plan.raw)
+    cfg = parse_config(raw)
     now[0] = planning + slower * SPEEDS.start_s
     run_plan, i, previous = plan_run(cfg.stages, train_images), 0, None
     while i < len(run_plan.epochs):
@@ -98,8 +107,71 @@ def test_a_run_whose_first_measurements_were_off_by_16_percent_lands_within_5_pe
     wall, epochs = _simulated_run(tiny_config, budget_s, slower, replan=True)
     assert abs(unplanned / budget_s - 1) > 0.07  # off by the speed error without re-planning
     assert abs(wall / budget_s - 1) <= Replanner.SLACK + 0.005, (wall, epochs)
-    assert epochs[0] == planned_epochs[0] and epochs[1] != planned_epochs[1]  # only the final size's epochs move
+    assert epochs[0] == planned_epochs[0] and epochs[1] != planned_epochs[1]  # a ramp under way keeps its length
     assert epochs[1] >= Replanner.MIN_SHARE
+
+
+@pytest.mark.parametrize("slower", [1.3, 1 / 1.3])
+def test_a_shape_with_a_short_last_stage_lands_on_its_budget_and_keeps_its_shape(tiny_config, slower):
+    """FFCV's shape: most epochs at 0.75x the final size, a short ramp, two epochs at the final size.
+    On a clock 1.3x slow, cutting the last stage alone would leave the run 1.17x over its budget (the
+    stages before it hold 9/10 of its time): every stage's epochs not yet begun scale down together."""
+    raw = copy.deepcopy(tiny_config)
+    raw["stages"] = [
+        {"img_size": 48, "batch_size": 10, "epochs": 20},
+        {"img_size": [48, 64], "batch_size": 10, "epochs": 4},
+        {"img_size": 64, "batch_size": 10, "epochs": 2, "mixup": "off"},
+    ]
+    on_time, planned = _on_a_slower_clock(raw, 1000.0, 1.0, replan=False)
+    budget_s = on_time  # the prediction, exactly
+    unplanned, _ = _on_a_slower_clock(raw, budget_s, slower, replan=False)
+    wall, epochs = _on_a_slower_clock(raw, budget_s, slower, replan=True)
+    assert abs(unplanned / budget_s - 1) > 0.2
+    assert abs(wall / budget_s - 1) <= Replanner.SLACK + 0.005, (wall / budget_s, epochs)
+    moved = [e / p for e, p in zip(epochs, planned)]  # every stage, the way the clock asks
+    assert all((m - 1) * (1 - slower) > 0 for m in moved), epochs
+    assert epochs[2] >= 1  # the final size keeps at least one whole epoch (not the quarter it would alone)
+    assert all(e % 1 == 0 or e % 1 >= Replanner.MIN_SHARE for e in epochs[:-1])  # no epoch of a few batches
+
+
+def test_a_re_plan_never_squeezes_a_ramp_into_a_size_jump(tiny_config):
+    """A 32 -> 64 px ramp of 6 epochs has 8-px steps; squeezed into 3 it would jump 32 -> 48 px, and a
+    run with a jump mixes the final size into every epoch before it, the ones trained too. The re-plan
+    keeps the ramp long enough to stay without one, and the run still lands near its budget."""
+    raw = copy.deepcopy(tiny_config)
+    raw["train"].pop("size_jumps", None)  # the default: on
+    raw["stages"] = [
+        {"img_size": 32, "batch_size": 10, "epochs": 6},
+        {"img_size": [32, 64], "batch_size": 10, "epochs": 6},
+        {"img_size": 64, "batch_size": 10, "epochs": 2},
+    ]
+    budget_s, planned = _on_a_slower_clock(raw, 1000.0, 1.0, replan=False)
+    wall, epochs = _on_a_slower_clock(raw, budget_s, 1.6, replan=True)  # asserts the epochs trained stay
+    trained = parse_config({**raw, "stages": with_stage_lengths(raw["stages"], epochs)})
+    sizes = [e.img_size for e in plan_run(trained.stages, 1000).epochs]
+    assert max(b / a for a, b in zip(sizes, sizes[1:])) < 1.4, sizes
+    assert epochs[0] < planned[0] and epochs[1] < planned[1], epochs  # both moved
+    assert wall / budget_s <= 1.1, (wall / budget_s, epochs)
+
+
+def test_a_ramp_under_way_keeps_its_length(tiny_config):
+    """A ramp's sizes follow its length: once it has begun, only the stages after it move."""
+    raw = copy.deepcopy(tiny_config)
+    raw["stages"] = [
+        {"img_size": [32, 64], "batch_size": 10, "epochs": 6},
+        {"img_size": 64, "batch_size": 10, "epochs": 2},
+        {"img_size": 64, "batch_size": 10, "epochs": 2, "mixup": "off"},
+    ]
+    plan, now = plan_run(parse_config(raw).stages, 1000), [0.0]
+    replanner = Replanner(SPEEDS, 1.0, 0.0, 1000, 200, clock=lambda: now[0])
+    replanner.budget_s = replanner.predicted(plan.epochs)  # the plan's time, exactly
+    replanner.epoch_start(0, 0)
+    now[0] = 1.3 * replanner.predicted(plan.epochs[:1])  # one ramp epoch done, 1.3x slow
+    new = replanner(plan, raw, Progress(stage=0, epoch=1))
+    lengths = [stage.length for stage in parse_config(new).stages]
+    assert lengths[0] == 6 and 0.25 <= lengths[1] < 2 and 0.25 <= lengths[2] < 2, lengths
+    assert lengths[1] == pytest.approx(lengths[2], abs=0.01)  # the two stages after it, by one factor
+    assert replanner.records[-1]["stage_epochs"] == [[6, 2, 2], [6, *lengths[1:]]]
 
 
 @pytest.mark.parametrize("slower", [1.08, 1 / 1.08])
@@ -235,6 +307,40 @@ def test_a_shortened_last_epoch_trains_its_share_and_resumes_inside_it_bit_exact
     (killed,) = (tmp_path / "killed").iterdir()
     progress = Checkpoint.read(killed / "checkpoints" / "last.pt").run_progress
     assert (progress.stage, progress.epoch, progress.batch) == (1, 1, 2)
+    resumed = run_training(cfg, resume=killed)
+    a = Checkpoint.read(whole / "checkpoints" / "last.pt").state_dict
+    b = Checkpoint.read(resumed / "checkpoints" / "last.pt").state_dict
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.slow
+def test_a_share_of_an_epoch_ends_an_earlier_stage_and_resumes_inside_it_bit_exact(tiny_config, tmp_path):
+    """A re-plan that scales every stage gives an earlier stage a share of its last epoch too: that
+    epoch trains its share, the next stage starts after it, and a run killed inside it resumes exactly."""
+    tiny_config["train"]["size_jumps"] = "off"
+    tiny_config["run"].update(checkpoint_every=0, log_every=1)  # a checkpoint at every update
+    tiny_config["stages"][0].update(epochs=2, last_epoch_share=0.6)  # 40 images, batch 8: 5 batches, then 3
+    cfg = parse_config(tiny_config)
+    whole = run_training(cfg, out_dir=tmp_path / "whole")
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    batches = [(r["stage"], r["epoch"]) for r in records if r["kind"] == "batch"]
+    assert [batches.count(e) for e in [(0, 0), (0, 1), (1, 0)]] == [5, 3, 6]
+    floor = cfg.train.optimizer.lr / cfg.train.schedule.div_factor / cfg.train.schedule.final_div_factor
+    stage0_lr = [r["lr"] for r in records if r["kind"] == "batch" and r["stage"] == 0]
+    assert stage0_lr[-1] == pytest.approx(floor, rel=1e-3)  # stage 0's curve ends with its share's last update
+
+    saves = []
+
+    def die(paths):  # killed at the second update of stage 0's shortened epoch
+        saves.append(paths)
+        if len(saves) == 5 + 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_training(cfg, out_dir=tmp_path / "killed", hooks=RunHooks(after_save=die))
+    (killed,) = (tmp_path / "killed").iterdir()
+    progress = Checkpoint.read(killed / "checkpoints" / "last.pt").run_progress
+    assert (progress.stage, progress.epoch, progress.batch) == (0, 1, 2)
     resumed = run_training(cfg, resume=killed)
     a = Checkpoint.read(whole / "checkpoints" / "last.pt").state_dict
     b = Checkpoint.read(resumed / "checkpoints" / "last.pt").state_dict

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 
 from pipeline import distributed
@@ -57,6 +58,9 @@ def take_plan(
     if list(plan.epochs[: len(done)]) != done:
         raise ValueError("a re-plan may only change epochs not yet begun")
     parts.stage = ctx.cfg.stages[k]
+    # a ramp not yet begun, re-planned, meets sizes the first plan had not: room for their graphs too
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, old.compiled_shapes() + plan.compiled_shapes() + 2)
     if parts.scheduler is not None:
         span = schedule_span(plan, k, parts.train_cfg.schedule.scope)
         parts.scheduler = respan_scheduler(parts.scheduler, parts.optimizer, parts.train_cfg.schedule, span)
