@@ -90,7 +90,7 @@ class Replanner:
             return None
         free = self._free(raw, done, progress)
         if free:  # the epochs not yet begun before the last stage scale with it: the run keeps its shape
-            earlier = self._scaled_earlier(raw, free, begun, end_at, done)
+            earlier = self._scaled_earlier(raw, lengths, free, begun, end_at, done)
         if not self._keeps(raw, with_stage_lengths(raw["stages"], earlier + [current]), done):
             earlier = lengths[:-1]  # (a change that would alter an epoch trained: the last stage alone moves)
 
@@ -136,13 +136,12 @@ class Replanner:
         epochs = plan_run(parse_config({**raw, "stages": stages}).stages, self.train_images).epochs
         return list(epochs[: len(done)]) == list(done)
 
-    def _scaled_earlier(self, raw: dict, free: dict[int, int], begun: float, end_at, done) -> list[float]:
+    def _scaled_earlier(self, raw: dict, lengths: list[float], free: dict[int, int], begun: float, end_at, done):
         """The earlier stages' lengths when the epochs not yet begun in them and in the last stage all scale
         by the one factor that ends the run on its budget (each keeps at least `MIN_SHARE` of an epoch
         more; a stage before the last may end on a share of an epoch of at least `MIN_SHARE`, as the last
         stage may). A factor whose stages would change an epoch trained (a ramp squeezed into a size jump
         that mixes every epoch before it) is not taken: the nearest that keeps them is."""
-        lengths = [spec.length for spec in parse_config(raw).stages]
         last = len(lengths) - 1
 
         def scaled(s: float) -> list[float]:

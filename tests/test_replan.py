@@ -295,22 +295,30 @@ def test_a_shortened_last_epoch_trains_its_share_and_resumes_inside_it_bit_exact
     stage1_lr = [r["lr"] for r in records if r["kind"] == "batch" and r["stage"] == 1]
     assert stage1_lr[-1] == pytest.approx(floor, rel=1e-3)  # the stage's curve ends with its last update
 
+    # killed at the second batch's checkpoint of the shortened epoch (one save per update)
+    progress = _killed_then_resumed_bit_exact(cfg, tmp_path, whole, 5 + 5 + 6 + 2)
+    assert (progress.stage, progress.epoch, progress.batch) == (1, 1, 2)
+
+
+def _killed_then_resumed_bit_exact(cfg, tmp_path, whole, saves_before_kill: int) -> Progress:
+    """`cfg` run again, killed at its `saves_before_kill`-th checkpoint and resumed: the resumed run's
+    weights equal the whole run's (`whole`), bit for bit. Returns where the killed run stood."""
     saves = []
 
-    def die(paths):  # killed at the second batch's checkpoint of the shortened epoch
+    def die(paths):
         saves.append(paths)
-        if len(saves) == 5 + 5 + 6 + 2:  # one save per update (an epoch's last: its end-of-epoch save)
+        if len(saves) == saves_before_kill:
             raise Killed
 
     with pytest.raises(Killed):
         run_training(cfg, out_dir=tmp_path / "killed", hooks=RunHooks(after_save=die))
     (killed,) = (tmp_path / "killed").iterdir()
     progress = Checkpoint.read(killed / "checkpoints" / "last.pt").run_progress
-    assert (progress.stage, progress.epoch, progress.batch) == (1, 1, 2)
     resumed = run_training(cfg, resume=killed)
     a = Checkpoint.read(whole / "checkpoints" / "last.pt").state_dict
     b = Checkpoint.read(resumed / "checkpoints" / "last.pt").state_dict
     assert all(torch.equal(a[key], b[key]) for key in a)
+    return progress
 
 
 @pytest.mark.slow
@@ -329,22 +337,8 @@ def test_a_share_of_an_epoch_ends_an_earlier_stage_and_resumes_inside_it_bit_exa
     stage0_lr = [r["lr"] for r in records if r["kind"] == "batch" and r["stage"] == 0]
     assert stage0_lr[-1] == pytest.approx(floor, rel=1e-3)  # stage 0's curve ends with its share's last update
 
-    saves = []
-
-    def die(paths):  # killed at the second update of stage 0's shortened epoch
-        saves.append(paths)
-        if len(saves) == 5 + 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run_training(cfg, out_dir=tmp_path / "killed", hooks=RunHooks(after_save=die))
-    (killed,) = (tmp_path / "killed").iterdir()
-    progress = Checkpoint.read(killed / "checkpoints" / "last.pt").run_progress
+    progress = _killed_then_resumed_bit_exact(cfg, tmp_path, whole, 5 + 2)  # at stage 0's share, update 2
     assert (progress.stage, progress.epoch, progress.batch) == (0, 1, 2)
-    resumed = run_training(cfg, resume=killed)
-    a = Checkpoint.read(whole / "checkpoints" / "last.pt").state_dict
-    b = Checkpoint.read(resumed / "checkpoints" / "last.pt").state_dict
-    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def _last_epoch_on_a_slower_clock(tiny_config: dict, slower: float, within: bool) -> tuple[float, int, int]:
