@@ -7,7 +7,8 @@ run's start-size probe, where it ran, against the planned run alone), their epoc
 same speeds; then both are trained, back to back, each re-planned after every epoch
 as `run --budget` does (`--no-replan`: as planned at the start). `--anchors ffcv,composer` adds runs of
 those schedules' shapes (benchmarks/progressive_vs_fixed.py's), their epochs chosen the same way to fill
-the same budget. For each: the epochs, the predicted and the actual wall seconds (measuring included)
+the same budget; `half` adds the fixed run with half its epochs (not a quarter) given the last stage's keys.
+For each: the epochs, the predicted and the actual wall seconds (measuring included)
 against the budget, the re-plans, and the final top-1.
 
     python benchmarks/budget_vs_fixed.py [stages.yaml] [--data IMAGEFOLDER_ROOT] [--budgets 1m,2m,4m]
@@ -52,6 +53,8 @@ def other_plans(raw: dict, speeds, seconds: float, final: int, images: tuple[int
     for name in ["fixed", *anchors]:
 
         def shape(epochs: int, name: str = name) -> list[dict]:
+            if name == "half":  # every epoch at the final size, half of them with the last stage's keys
+                return policy_stages(raw, epochs, final, final, hold=True)
             return shape_stages(policy_stages(raw, max(epochs, 2), final, final), name)
 
         try:
@@ -75,7 +78,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-size", type=int, default=None, help="the planned ramp's start (default: half)")
     parser.add_argument("--no-replan", action="store_true", help="keep each run's plan (no re-planning)")
-    parser.add_argument("--anchors", default="", help="schedule shapes also run at each budget: ffcv,composer")
+    parser.add_argument(
+        "--anchors", default="", help="schedule shapes also run at each budget: ffcv,composer (half: see above)"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/budget-vs-fixed"))
     args = parser.parse_args()
@@ -86,8 +91,8 @@ def main() -> None:
     final = max(stage.largest_size for stage in cfg.stages)
     anchors = [a.strip() for a in args.anchors.split(",") if a.strip()]
     for name in anchors:
-        if name not in ("ffcv", "composer"):
-            parser.error(f"--anchors: unknown shape {name!r} (known: ffcv, composer)")  # exit 2
+        if name not in ("ffcv", "composer", "half"):
+            parser.error(f"--anchors: unknown shape {name!r} (known: ffcv, composer, half)")  # exit 2
     rows, skipped, speeds = [], [], None
     for text in args.budgets.split(","):
         budget = parse_duration(text)

@@ -7,7 +7,10 @@ epochs at the final size (with FILE's last stage's keys, e.g. `mixup: off`), one
 schedule over the run. The ramp is planned only where the measurements say it pays: when the start
 size does not train at least `RAMP_PAYS` times as fast as the final size on this machine, or the
 ramp does not fit `RAMP_EPOCHS` times the epochs of the final size alone in the budget (in a run of
-under `SHORT_EPOCHS`, `SHORT_RAMP_EPOCHS`: early epochs add most), every epoch is at the final size.
+under `SHORT_EPOCHS`, `SHORT_RAMP_EPOCHS`: early epochs add most), every epoch is at the final size;
+in such a short run, the plan then holds `HOLD_RATIO` of the final size for about half its epochs and
+trains the rest at the final size with the last stage's keys (FFCV's shape, shortened; where those
+keys turn Mixup off, a run of a few epochs learns most in them).
 Where the ramp pays in time, a short training probe (`pipeline.probe`) chooses its start: the smallest
 size that keeps the classes. The plan says why it chose what it chose, and how large the images are.
 """
@@ -41,6 +44,8 @@ RAMP_EPOCHS = 1.35  # ... and when it fits at least this many times the epochs o
 SHORT_EPOCHS = 8  # or, in a run that fits fewer epochs than this at the final size (a short one),
 SHORT_RAMP_EPOCHS = 1.2  # at least this many times them
 SETTLE_SHARE = 0.25  # the share of the epochs trained at the final size, after the ramp
+HOLD_RATIO = 0.83  # a short run that takes no ramp trains at this share of the final size first (FFCV's 160 of 192 px)
+HOLD_SETTLE_SHARE = 0.5  # ... and this share of its epochs at the final size, with the last stage's keys
 MAX_EPOCHS = 10_000
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?")
 
@@ -104,17 +109,22 @@ def _stage_keys(stage: dict) -> dict:
     return {k: copy.deepcopy(v) for k, v in stage.items() if k not in (*STAGE_SIZE_KEYS, "val_size")}
 
 
-def policy_stages(raw: dict, epochs: int, final: int, start: int | None = None) -> list[dict]:
+def policy_stages(raw: dict, epochs: int, final: int, start: int | None = None, hold: bool = False) -> list[dict]:
     """The stages of a run of `epochs` epochs ending at `final` px: a ramp from `start` (default: half
     the final size), then `SETTLE_SHARE` of the epochs at the final size (at least one from 2 on).
-    The batch is the first stage's; the ramp keeps the first stage's other keys, the last stage its."""
+    With `hold`, the short run's shape: `start` px held (no ramp), then `HOLD_SETTLE_SHARE` of the
+    epochs (rounded up, at least one) at the final size. The batch is the first stage's; the ramp (or
+    hold) keeps the first stage's other keys, the last stage its."""
     first, last = raw["stages"][0], raw["stages"][-1]
-    settle = max(1, round(epochs * SETTLE_SHARE)) if epochs >= 2 else 0
+    if hold:
+        settle = max(1, math.ceil(epochs * HOLD_SETTLE_SHARE))
+    else:
+        settle = max(1, round(epochs * SETTLE_SHARE)) if epochs >= 2 else 0
     ramp = epochs - settle
     start = start_size(final, start)
     stages = []
     if ramp:
-        size: Any = [start, final] if start < final and ramp > 1 else final
+        size: Any = start if hold else [start, final] if start < final and ramp > 1 else final
         stages.append({"img_size": size, "batch_size": first["batch_size"], "epochs": ramp, **_stage_keys(first)})
     if settle:
         stage = {"img_size": final, "batch_size": first["batch_size"], "epochs": settle, **_stage_keys(last)}
@@ -170,6 +180,22 @@ def choose_ramp(ramp: BudgetPlan, fixed: BudgetPlan, first: int, final: int) -> 
             "epoch more is worth more than the smaller sizes cost)"
         )
     return fixed, f"every epoch at {final} px: {fits}, under {bar}x), too few more to make up for its smaller sizes"
+
+
+def hold_reason(hold: BudgetPlan, fixed: BudgetPlan, speeds: Speeds, size: int, final: int) -> str:
+    """Why a short run holds `size` px first (the final size where the probe refused smaller ones), and
+    then trains half its epochs with the last stage's keys: the epochs that fit each way, and the speed."""
+    short = f"a short run ({format_epochs(fixed.length)} epochs fit at {final} px, under {SHORT_EPOCHS}): "
+    end = f" with the last stage's keys, {format_epochs(hold.length)} epochs in all"
+    held = sum(s["epochs"] for s in hold.raw["stages"][:-1])
+    if not held:  # one epoch: the last stage's
+        return f"{short}every epoch at {final} px{end}"
+    if size == final:
+        return f"{short}{held} at {final} px, then the rest{end}"
+    faster = per_image(speeds.train, final) / per_image(speeds.train, size)
+    return (
+        f"{short}{held} at {size} px ({faster:.2f}x the images/s of {final} px here), then the rest at {final} px{end}"
+    )
 
 
 def predict(cfg: Config, speeds: Speeds, train_images: int, val_images: int) -> list[float]:
@@ -283,15 +309,28 @@ def plan_budget(
         return chosen, chosen is plan, fits, measuring
 
     plan, ramped, fits, measuring = choose(first)
-    lines, probe_s = [why, fits] if ramped else [fits or why], 0.0
+    lines, probe_s, kept = [why, fits] if ramped else [fits or why], 0.0, None
     if start is None and ramped:  # the ramp pays in time: do its sizes keep the classes?
         from pipeline.probe import probe_start
 
         t0 = time.perf_counter()
         probed, kept = probe_start(measured, datasets, num_classes, device, speeds, sizes, budget_s - measuring)
         probe_s = time.perf_counter() - t0
-        plan, _, fits, measuring = choose(kept)
+        plan, ramped, fits, measuring = choose(kept)
         lines = [why, probed, fits] if kept == first else [probed, fits]  # why it pays, when from the same start
+    if start is None and not ramped and plan.length < SHORT_EPOCHS:  # a short run: hold a size, then settle half
+        size = final if kept == final else round_size(final * HOLD_RATIO)  # the probe's refusal: no smaller size
+        held = choose_plan(
+            raw,
+            speeds,
+            budget_s - measuring,
+            final,
+            *images,
+            size,
+            shape=lambda epochs: policy_stages(raw, epochs, final, size, hold=True),
+        )
+        no_ramp = [line.replace(f"every epoch at {final} px: ", "no ramp: ", 1) for line in lines if line]
+        plan, lines = held, [*no_ramp, hold_reason(held, plan, speeds, size, final)]
     reasons = tuple(r for r in (*lines, native_note(native_size(datasets.train.samples), final)) if r)
     if measuring_counts:  # the choosing took time too: the plan gives it back (twice it: the trim's time as well)
         choosing = time.perf_counter() - begin - measuring

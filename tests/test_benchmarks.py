@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -280,6 +281,10 @@ def test_budget_vs_fixed_runs_the_shapes_that_fit_and_says_which_do_not(tiny_con
     )
     runs, not_run = script.other_plans(raw, SPEEDS, 25.0, 64, (1000, 200), ["ffcv", "composer"])
     assert list(runs) == ["fixed", "composer"] and list(not_run) == ["ffcv"] and runs["composer"].epochs == 3
+    runs, _ = script.other_plans(raw, SPEEDS, 25.0, 64, (1000, 200), ["half"])  # half of them settle
+    half = runs["half"].raw["stages"]
+    assert [s["img_size"] for s in half] == [64, 64] and half[-1]["mixup"] == "off"
+    assert half[-1]["epochs"] == math.ceil(runs["half"].epochs / 2) and runs["half"].epochs >= 2
 
 
 def test_budget_vs_fixed_refuses_an_unknown_anchor(tiny_config, write_yaml):

@@ -180,6 +180,46 @@ def test_the_policy_ramps_then_settles_and_keeps_the_files_keys(tiny_config):
     assert sizes == [32, 40, 48, 48, 56, 64, 64, 64]
 
 
+def test_a_short_run_s_shape_holds_a_size_then_settles_half_its_epochs(tiny_config):
+    raw = raw_config(tiny_config)
+    assert policy_stages(raw, 4, 64, 56, hold=True) == [
+        {"img_size": 56, "batch_size": 10, "epochs": 2, "lr": 0.2},
+        {"img_size": 64, "batch_size": 10, "epochs": 2, "mixup": "off", "val_size": 72},
+    ]
+    assert [s["epochs"] for s in policy_stages(raw, 5, 64, 56, hold=True)] == [2, 3]  # half, rounded up, settles
+    assert [s["epochs"] for s in policy_stages(raw, 2, 64, 56, hold=True)] == [1, 1]
+    assert policy_stages(raw, 1, 64, 56, hold=True) == [  # one epoch: at the final size, the last stage's keys
+        {"img_size": 64, "batch_size": 10, "epochs": 1, "mixup": "off", "val_size": 72}
+    ]
+    assert [s["img_size"] for s in policy_stages(raw, 4, 64, 64, hold=True)] == [64, 64]  # the `half` anchor
+
+
+def test_a_short_run_with_no_ramp_holds_0_83_of_the_final_size_then_settles_half(tiny_config, monkeypatch):
+    import pipeline.probe as probe
+
+    flat = Speeds({32: 230.0, 48: 215.0, 64: 200.0}, {32: 1e5, 48: 1e5, 64: 1e5}, 0.0, 1.0, 0.0)  # 32 px: 1.15x
+    monkeypatch.setattr(budget, "measure_speeds", lambda *args, **kwargs: flat)
+    monkeypatch.setattr(probe, "probe_sizes", no_measuring)  # no ramp: nothing to probe
+    raw, log = raw_config(tiny_config), lambda *args: None
+    plan, _ = budget.plan_budget(raw, 6.0, 64, log=log)  # 40 images: about 1.2 s an epoch, 5 fit at 64 px
+    stages = plan.raw["stages"]
+    assert [s["img_size"] for s in stages] == [56, 64] and stages[0]["lr"] == 0.2 and stages[1]["mixup"] == "off"
+    lengths = [s.length for s in parse_config(plan.raw).stages]
+    assert lengths[0] == stages[0]["epochs"] <= lengths[1] and plan.length == pytest.approx(sum(lengths))
+    assert plan.seconds <= 6.0 and plan.length < budget.SHORT_EPOCHS
+    assert plan.reasons[0].startswith("no ramp: smaller sizes do not pay here (230 img/s at 32 px")
+    assert plan.reasons[1].startswith("a short run (") and plan.reasons[1].endswith(
+        f" at 64 px, under 8): {stages[0]['epochs']} at 56 px (1.04x the images/s of 64 px here), then the rest at "
+        f"64 px with the last stage's keys, {format_epochs(plan.length)} epochs in all"
+    )
+    longer, _ = budget.plan_budget(raw, 60.0, 64, log=log)  # about 50 epochs: not a short run
+    assert {s["img_size"] for s in longer.raw["stages"]} == {64} and longer.reasons[0].startswith("every epoch at 64")
+    given, _ = budget.plan_budget(raw, 6.0, 64, 64, log=log)  # --start-size: as given
+    assert {s["img_size"] for s in given.raw["stages"]} == {64} and not any(
+        r.startswith("a short run") for r in given.reasons
+    )
+
+
 def test_the_prediction_adds_up(tiny_config):
     raw = raw_config(tiny_config)
     raw["stages"] = policy_stages(raw, 4, 64)  # 32, 64 | 64 | 64 ... : ramp of 3 (32, 48, 64), 1 settling

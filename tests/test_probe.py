@@ -140,3 +140,19 @@ def test_no_probe_for_a_given_start_nor_a_budget_too_short_for_it(tiny_config, m
     assert plan.reasons[0] == (
         "every epoch at 64 px: the budget is too short to probe whether smaller sizes keep the classes"
     )
+
+
+def test_a_short_run_whose_probe_refuses_smaller_sizes_settles_half_at_the_final_size(tiny_config, monkeypatch):
+    steep = Speeds({32: 3200.0, 48: 1600.0, 64: 200.0}, FAST.val, 0.0, 0.0, 0.0)  # a ramp pays in time
+    monkeypatch.setattr(budget, "measure_speeds", lambda *args, **kwargs: steep)
+    refused = "every epoch at 64 px: smaller sizes lose the classes here (made up)"
+    monkeypatch.setattr(probe, "probe_start", lambda *args: (refused, 64))
+    plan, _ = budget.plan_budget(raw_config(tiny_config), 1.1, 64, log=lambda *args: None)  # 5 epochs at 64 px
+    stages = plan.raw["stages"]
+    assert [s["img_size"] for s in stages] == [64, 64] and stages[-1]["mixup"] == "off"  # no size under 64 px
+    assert 1 <= stages[0]["epochs"] <= stages[-1]["epochs"] and plan.length < budget.SHORT_EPOCHS
+    assert plan.reasons[0] == "no ramp: smaller sizes lose the classes here (made up)"
+    assert plan.reasons[1].startswith("a short run (") and plan.reasons[1].endswith(
+        f": {stages[0]['epochs']} at 64 px, then the rest with the last stage's keys, "
+        f"{budget.format_epochs(plan.length)} epochs in all"
+    )
