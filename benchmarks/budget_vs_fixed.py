@@ -33,11 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from progressive_vs_fixed import shape_stages  # noqa: E402
 
-from pipeline.budget import choose_plan, parse_duration, plan_budget, policy_stages  # noqa: E402
+from pipeline.budget import choose_plan, plan_budget, policy_stages  # noqa: E402
 from pipeline.commands.compare import load_run  # noqa: E402
 from pipeline.config import load_config, parse_config  # noqa: E402
 from pipeline.data import scan_datasets  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
+from pipeline.options import parse_duration  # noqa: E402
 from pipeline.replan import Replanner, actual_seconds  # noqa: E402
 from pipeline.train.plan import format_epochs  # noqa: E402
 from pipeline.train.run import RunHooks, run_training  # noqa: E402

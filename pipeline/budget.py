@@ -1,18 +1,14 @@
 """The stages that fill a time budget on this machine (`plan FILE --budget 20m`, `run FILE --budget`).
 
-Measures FILE's setup (model, data, loader, AMP, compile, Mixup) at a few sizes between half and all
-of the final size (`pipeline.speeds`), then fills the budget by the policy that won the
-progressive-vs-fixed benchmark: one ramp from half the final size up to it, then a quarter of the
-epochs at the final size (with FILE's last stage's keys, e.g. `mixup: off`), one batch size, one
-schedule over the run. The ramp is planned only where the measurements say it pays: when the start
-size does not train at least `RAMP_PAYS` times as fast as the final size on this machine, or the
-ramp does not fit `RAMP_EPOCHS` times the epochs of the final size alone in the budget (in a run of
-under `SHORT_EPOCHS`, `SHORT_RAMP_EPOCHS`: early epochs add most), every epoch is at the final size;
-in such a short run, the plan then holds `HOLD_RATIO` of the final size for about half its epochs and
-trains the rest at the final size with the last stage's keys (FFCV's shape, shortened; where those
-keys turn Mixup off, a run of a few epochs learns most in them).
-Where the ramp pays in time, a short training probe (`pipeline.probe`) chooses its start: the smallest
-size that keeps the classes. The plan says why it chose what it chose, and how large the images are.
+Measures FILE's setup at a few sizes between half and all of the final size (`pipeline.speeds`), then
+fills the budget: one ramp from half the final size up to it, then a quarter of the epochs at it with
+FILE's last stage's keys (e.g. `mixup: off`), one batch size, one schedule over the run. The ramp is
+planned only where the start size trains at least `RAMP_PAYS` times as fast as the final size here
+and the ramp fits `RAMP_EPOCHS` times the epochs of the final size alone (`SHORT_RAMP_EPOCHS` in a
+run of under `SHORT_EPOCHS`); else every epoch is at the final size, and a short run holds
+`HOLD_RATIO` of it for about half its epochs, then trains the rest at it with the last stage's keys.
+A short training probe (`pipeline.probe`) chooses a ramp's start: the smallest size that keeps the
+classes. The plan says why it chose what it chose, and how large the images are (docs/plan.md).
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,15 +23,17 @@ from typing import Any
 
 from pipeline.config import STAGE_SIZE_KEYS, Config, parse_config
 from pipeline.errors import ConfigError
-from pipeline.speeds import Speeds, check_sizes, measure_speeds, measurement_config, native_size, per_image
-from pipeline.train.plan import (
-    RAMP_MULTIPLE,
-    format_duration,
-    format_epochs,
-    longest,
-    plan_run,
-    with_last_stage_length,
+from pipeline.speeds import (
+    Speeds,
+    check_sizes,
+    measure_speeds,
+    measurement_config,
+    native_note,
+    native_size,
+    per_image,
+    round_size,
 )
+from pipeline.train.plan import RAMP_MULTIPLE, format_duration, format_epochs, longest, plan_run, with_last_stage_length
 
 START_RATIO = 0.5  # the ramp starts at this share of the final size
 RAMP_PAYS = 1.3  # a ramp is planned only when its start trains at least this much faster than the final size
@@ -47,27 +44,6 @@ SETTLE_SHARE = 0.25  # the share of the epochs trained at the final size, after 
 HOLD_RATIO = 0.83  # a short run that takes no ramp trains at this share of the final size first (FFCV's 160 of 192 px)
 HOLD_SETTLE_SHARE = 0.5  # ... and this share of its epochs at the final size, with the last stage's keys
 MAX_EPOCHS = 10_000
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?")
-
-
-def parse_duration(text: str, option: str = "--budget") -> float:
-    """Seconds in `20m`, `1h30m`, `900s`, `1.5h` or a bare number of seconds."""
-    value = str(text).strip().lower().replace(" ", "")
-    try:
-        seconds = float(value)
-    except ValueError:
-        match = _DURATION.fullmatch(value)
-        if not value or match is None or not any(match.groups()):
-            raise ConfigError(f"{option} {text}: not a duration (e.g. 20m, 1h30m, 900s)") from None
-        h, m, s = (float(g) if g else 0.0 for g in match.groups())
-        seconds = 3600 * h + 60 * m + s
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"{option} {text}: must be a positive duration (e.g. 20m, 1h30m, 900s)")
-    return seconds
-
-
-def round_size(size: float) -> int:
-    return max(RAMP_MULTIPLE, RAMP_MULTIPLE * round(size / RAMP_MULTIPLE))
 
 
 def start_size(final: int, start: int | None = None) -> int:
@@ -86,16 +62,6 @@ def choose_start(speeds: Speeds, final: int, start: int | None = None) -> tuple[
     if first < final and fast / slow >= RAMP_PAYS:
         return first, f"a ramp from {first} px pays: {measured}"
     return final, f"every epoch at {final} px: smaller sizes do not pay here ({measured}, under {RAMP_PAYS}x)"
-
-
-def native_note(native: int | None, final: int) -> str | None:
-    """A line for images natively smaller than the final size: what the larger sizes buy."""
-    if native is None or native >= final:
-        return None
-    return (
-        f"the training images are about {native} px (median shorter side): sizes above that add no detail, "
-        f"only scale; a run with --final-size {round_size(native)} may cost little accuracy for far less time"
-    )
 
 
 def candidate_sizes(final: int, start: int | None = None) -> list[int]:
@@ -159,13 +125,9 @@ class BudgetPlan:
 
 def choose_ramp(ramp: BudgetPlan, fixed: BudgetPlan, first: int, final: int) -> tuple[BudgetPlan, str]:
     """The ramp, or the final size alone where the ramp does not buy `RAMP_EPOCHS` times its epochs in
-    the same budget (`SHORT_RAMP_EPOCHS` in a run of under `SHORT_EPOCHS`), with the reason. At equal
-    epochs a ramp ends up to 1.5 points lower on real data (the suite in BENCHMARKS.md); ramps from half
-    the final size with 1.15 to 1.33x the epochs of 9 to 17 at it ended up to 15.7 points below it on
-    UCI's digits, Fashion-MNIST and the demo (level on Fashion-MNIST at 2 minutes). In runs of 4 to 6
-    epochs at the final size, where each epoch still adds most, the plan's ramp with 1.26 to 1.37x the
-    epochs ended 2.2 to 12 points above it on the 160 px set, seeds 0-2. The ratio itself moves by up
-    to 16% with the measurement; the probe still decides whether the ramp's sizes keep the classes."""
+    the same budget (`SHORT_RAMP_EPOCHS` in a run of under `SHORT_EPOCHS`), with the reason; the
+    figures behind both bars are in docs/plan.md. The probe still decides whether its sizes keep the
+    classes."""
     ratio = ramp.length / fixed.length
     bar = SHORT_RAMP_EPOCHS if fixed.length < SHORT_EPOCHS else RAMP_EPOCHS
     fits = (  # the ratio shown rounded down, so that one under a bar never reads as the bar

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -116,3 +117,22 @@ def write_or_fail(what: str, write) -> None:
         write()
     except OSError as e:
         raise UserError(f"{what} ({e.strerror or e})") from None
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(text: str, option: str = "--budget") -> float:
+    """Seconds in `20m`, `1h30m`, `900s`, `1.5h` or a bare number of seconds."""
+    value = str(text).strip().lower().replace(" ", "")
+    try:
+        seconds = float(value)
+    except ValueError:
+        match = _DURATION.fullmatch(value)
+        if not value or match is None or not any(match.groups()):
+            raise ConfigError(f"{option} {text}: not a duration (e.g. 20m, 1h30m, 900s)") from None
+        h, m, s = (float(g) if g else 0.0 for g in match.groups())
+        seconds = 3600 * h + 60 * m + s
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{option} {text}: must be a positive duration (e.g. 20m, 1h30m, 900s)")
+    return seconds

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, parse_config
-from pipeline.train.plan import EpochPlan
+from pipeline.train.plan import RAMP_MULTIPLE, EpochPlan
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,20 @@ def native_size(samples: list[tuple[str, int]], most: int = 64) -> int | None:
         except Exception:  # noqa: BLE001 - a bad file is the loader's to report
             continue
     return int(statistics.median(sides)) if sides else None
+
+
+def round_size(size: float) -> int:
+    return max(RAMP_MULTIPLE, RAMP_MULTIPLE * round(size / RAMP_MULTIPLE))
+
+
+def native_note(native: int | None, final: int) -> str | None:
+    """A line for images natively smaller than the final size: what the larger sizes buy."""
+    if native is None or native >= final:
+        return None
+    return (
+        f"the training images are about {native} px (median shorter side): sizes above that add no detail, "
+        f"only scale; a run with --final-size {round_size(native)} may cost little accuracy for far less time"
+    )
 
 
 def check_sizes(model: torch.nn.Module, sizes: list[int], device: torch.device) -> None:

@@ -18,8 +18,6 @@ from pipeline.budget import (
     choose_plan,
     choose_ramp,
     choose_start,
-    native_note,
-    parse_duration,
     policy_stages,
     predict,
     within,
@@ -27,8 +25,9 @@ from pipeline.budget import (
 from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
+from pipeline.options import parse_duration
 from pipeline.replan import format_plan
-from pipeline.speeds import Speeds, native_size, per_image
+from pipeline.speeds import Speeds, native_note, native_size, per_image
 from pipeline.train.plan import format_epochs, plan_run
 
 

@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pipeline.budget import parse_duration, plan_budget
+    from pipeline.budget import plan_budget
     from pipeline.config import load_config
+    from pipeline.options import parse_duration
     from pipeline.replan import format_plan
 
     budget = parse_duration(args.budget)

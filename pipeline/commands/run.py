@@ -84,9 +84,10 @@ def run_budget(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
-    from pipeline.budget import parse_duration, plan_budget
+    from pipeline.budget import plan_budget
     from pipeline.config import load_config, parse_config
     from pipeline.files import write_json
+    from pipeline.options import parse_duration
     from pipeline.replan import Replanner, actual_seconds, format_outcome, format_plan
     from pipeline.train.run import RunHooks, run_training
 
