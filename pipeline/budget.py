@@ -288,7 +288,6 @@ def plan_budget(
             budget_s - measuring,
             final,
             *images,
-            size,
             shape=lambda epochs: policy_stages(raw, epochs, final, size, hold=True),
         )
         no_ramp = [line.replace(f"every epoch at {final} px: ", "no ramp: ", 1) for line in lines if line]
