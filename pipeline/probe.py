@@ -34,6 +34,7 @@ KEEP_POINTS = 2.0  # a start size is kept when its top-1 is at most this many po
 LEARNED_POINTS = 10.0  # the probe tells only where some size ended this many points above chance
 PROBE_SHARE = 0.1  # of the budget left (`plan --budget`): the most the probe may take
 MIN_IMAGES = 200  # fewer than this and the probe says nothing (a budget too short for it)
+MIN_FEATURE_SIDE = 2  # a budget too short to probe: the start is the smallest size whose deepest map is this wide
 
 
 @dataclass(frozen=True)
@@ -181,17 +182,52 @@ def probe_sizes(
     return ProbeResult(dict(sorted(top1.items())), len(train[0]), time.perf_counter() - t0, num_classes)
 
 
+def feature_sides(cfg: Config, num_classes: int, sizes: list[int]) -> dict[int, int | None]:
+    """The side of the model's deepest feature map (timm's `forward_features`, NCHW) at each size: 1 for
+    ResNet-18 at 32 px, 2 at 40 to 64 px; None where it has no such map (a ViT's tokens)."""
+    from pipeline.model import build_model
+
+    model = build_model(dataclasses.replace(cfg.model, pretrained=None), num_classes).eval()
+    sides: dict[int, int | None] = {}
+    for size in sizes:
+        try:
+            with torch.no_grad():
+                out = model.forward_features(torch.zeros(1, 3, size, size))
+        except Exception:  # noqa: BLE001 - no forward_features, or not at this size: no side to read
+            out = None
+        nchw = isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[1] == getattr(model, "num_features", -1)
+        sides[size] = min(out.shape[-2:]) if nchw else None
+    return sides
+
+
+def unprobed_start(cfg: Config, num_classes: int, sizes: list[int]) -> tuple[str, int]:
+    """A budget too short for the probe: the smallest of `sizes` at which the model's deepest feature map is
+    at least `MIN_FEATURE_SIDE` wide (below it the last block's 3x3 convolutions see one position, and the
+    ramps that lost ran there: the digits task and the demo's textures from 32 px, BENCHMARKS.md), with
+    its line; the final size where none is smaller, or the model has no such map."""
+    final = max(sizes)
+    too_short = "the budget is too short to probe whether smaller sizes keep the classes"
+    sides = feature_sides(cfg, num_classes, sorted(sizes))
+    wide = [s for s, side in sides.items() if s < final and side is not None and side >= MIN_FEATURE_SIDE]
+    if not wide:
+        return f"every epoch at {final} px: {too_short}", final
+    start = wide[0]
+    below = ", ".join(f"{sides[s]}x{sides[s]} at {s} px" for s in sides if s < start and sides[s] is not None)
+    return (
+        f"a ramp from {start} px: {too_short}, so it starts at the smallest size where {cfg.model.arch}'s "
+        f"deepest feature map is {MIN_FEATURE_SIDE}x{MIN_FEATURE_SIDE} or wider ({sides[start]}x{sides[start]}"
+        f"{'; ' + below if below else ''})",
+        start,
+    )
+
+
 def probe_start(cfg: Config, datasets, num_classes: int, device, speeds, sizes: list[int], left_s: float):
     """The probe's line and the start size it keeps (`pipeline.probe`), within `PROBE_SHARE` of the budget
-    left; where that is too short for it, every epoch at the final size (nothing says the ramp is safe)."""
+    left; where that is too short for it, the smallest size with a wide enough feature map (`unprobed_start`)."""
     from pipeline.speeds import per_image
 
-    final = max(sizes)
     n = probe_images(PROBE_SHARE * left_s, sum(per_image(speeds.train, s) for s in sizes), len(datasets.train))
     if not n:
-        return (
-            f"every epoch at {final} px: the budget is too short to probe whether smaller sizes keep the classes",
-            final,
-        )
-    result = probe_sizes(cfg, datasets, num_classes, sizes, final, n, device)
-    return result.line(final), result.start(final)
+        return unprobed_start(cfg, num_classes, sizes)
+    result = probe_sizes(cfg, datasets, num_classes, sizes, max(sizes), n, device)
+    return result.line(max(sizes)), result.start(max(sizes))

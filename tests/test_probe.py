@@ -3,6 +3,8 @@ train on, a real probe on tiny data, and the plan it leads to."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -135,11 +137,26 @@ def test_no_probe_for_a_given_start_nor_a_budget_too_short_for_it(tiny_config, m
     plan, calls = _plan(tiny_config, monkeypatch, 600.0, None, start=32)
     assert calls == [] and plan.raw["stages"][0]["img_size"] == [32, 64]  # --start-size: as given
     assert plan.probe_s == 0.0
-    plan, calls = _plan(tiny_config, monkeypatch, 6.0, None)  # 0.6 s for the probe: 17 images
-    assert calls == [] and {s["img_size"] for s in plan.raw["stages"]} == {64}
+    steep = Speeds({32: 3200.0, 48: 1600.0, 64: 200.0}, FAST.val, 0.0, 0.0, 0.0)  # 48 px pays too
+    plan, calls = _plan(tiny_config, monkeypatch, 6.0, None, speeds=steep)  # 0.6 s for the probe: under 200
+    assert calls == [] and plan.raw["stages"][0]["img_size"] == [48, 64]  # no training: a forward per size
     assert plan.reasons[0] == (
-        "every epoch at 64 px: the budget is too short to probe whether smaller sizes keep the classes"
+        "a ramp from 48 px: the budget is too short to probe whether smaller sizes keep the classes, so it "
+        "starts at the smallest size where test_resnet's deepest feature map is 2x2 or wider (2x2; 1x1 at 32 px)"
     )
+
+
+def test_a_budget_too_short_to_probe_starts_where_the_deepest_feature_map_is_2x2(tiny_config):
+    cfg = parse_config(raw_config(tiny_config))
+    assert probe.feature_sides(cfg, 3, [32, 48, 64, 128]) == {32: 1, 48: 2, 64: 2, 128: 4}  # a /32 network
+    line, start = probe.unprobed_start(cfg, 3, [64, 96, 128])
+    assert start == 64 and line.startswith("a ramp from 64 px: ") and line.endswith("(2x2)")
+    line, start = probe.unprobed_start(cfg, 3, [16, 24, 32])  # 1x1 below 32 px: no smaller start
+    assert start == 32 and line == (
+        "every epoch at 32 px: the budget is too short to probe whether smaller sizes keep the classes"
+    )
+    vit = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="vit_tiny_patch16_224"))
+    assert probe.feature_sides(vit, 3, [64]) == {64: None}  # tokens, no map: nothing to read
 
 
 def test_a_short_run_whose_probe_refuses_smaller_sizes_settles_half_at_the_final_size(tiny_config, monkeypatch):
