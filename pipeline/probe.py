@@ -226,8 +226,9 @@ def probe_start(cfg: Config, datasets, num_classes: int, device, speeds, sizes: 
     left; where that is too short for it, the smallest size with a wide enough feature map (`unprobed_start`)."""
     from pipeline.speeds import per_image
 
+    final = max(sizes)
     n = probe_images(PROBE_SHARE * left_s, sum(per_image(speeds.train, s) for s in sizes), len(datasets.train))
     if not n:
         return unprobed_start(cfg, num_classes, sizes)
-    result = probe_sizes(cfg, datasets, num_classes, sizes, max(sizes), n, device)
-    return result.line(max(sizes)), result.start(max(sizes))
+    result = probe_sizes(cfg, datasets, num_classes, sizes, final, n, device)
+    return result.line(final), result.start(final)

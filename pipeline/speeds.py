@@ -182,6 +182,7 @@ def native_size(samples: list[tuple[str, int]], most: int = 64) -> int | None:
 
 
 def round_size(size: float) -> int:
+    """`size` to the nearest multiple of `RAMP_MULTIPLE` (at least one)."""
     return max(RAMP_MULTIPLE, RAMP_MULTIPLE * round(size / RAMP_MULTIPLE))
 
 
