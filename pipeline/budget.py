@@ -4,11 +4,12 @@ Measures FILE's setup at a few sizes between half and all of the final size (`pi
 fills the budget: one ramp from half the final size up to it, then a quarter of the epochs at it with
 FILE's last stage's keys (e.g. `mixup: off`), one batch size, one schedule over the run. The ramp is
 planned only where the start size trains at least `RAMP_PAYS` times as fast as the final size here
-and the ramp fits `RAMP_EPOCHS` times the epochs of the final size alone (`SHORT_RAMP_EPOCHS` in a
-run of under `SHORT_EPOCHS`); else every epoch is at the final size, and a short run holds
+and the ramp fits `RAMP_EPOCHS` times the epochs of the final size alone (in a run of under
+`SHORT_EPOCHS`: more at all); else every epoch is at the final size, and a short run holds
 `HOLD_RATIO` of it for about half its epochs, then trains the rest at it with the last stage's keys.
 A short training probe (`pipeline.probe`) chooses a ramp's start: the smallest size that keeps the
-classes. The plan says why it chose what it chose, and how large the images are (docs/plan.md).
+classes; a short run, too short for it, starts where the model's deepest feature map is 2x2. The plan
+says why it chose what it chose, and how large the images are (docs/plan.md).
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ from pipeline.train.plan import RAMP_MULTIPLE, format_duration, format_epochs, l
 START_RATIO = 0.5  # the ramp starts at this share of the final size
 RAMP_PAYS = 1.3  # a ramp is planned only when its start trains at least this much faster than the final size
 RAMP_EPOCHS = 1.35  # ... and when it fits at least this many times the epochs of the final size alone,
-SHORT_EPOCHS = 8  # or, in a run that fits fewer epochs than this at the final size (a short one),
-SHORT_RAMP_EPOCHS = 1.2  # at least this many times them
+SHORT_EPOCHS = 8  # or, in a run that fits fewer epochs than this at the final size (a short one), more at all
 SETTLE_SHARE = 0.25  # the share of the epochs trained at the final size, after the ramp
 HOLD_RATIO = 0.83  # a short run that takes no ramp trains at this share of the final size first (FFCV's 160 of 192 px)
 HOLD_SETTLE_SHARE = 0.5  # ... and this share of its epochs at the final size, with the last stage's keys
@@ -125,23 +125,21 @@ class BudgetPlan:
 
 def choose_ramp(ramp: BudgetPlan, fixed: BudgetPlan, first: int, final: int) -> tuple[BudgetPlan, str]:
     """The ramp, or the final size alone where the ramp does not buy `RAMP_EPOCHS` times its epochs in
-    the same budget (`SHORT_RAMP_EPOCHS` in a run of under `SHORT_EPOCHS`), with the reason; the
-    figures behind both bars are in docs/plan.md. The probe still decides whether its sizes keep the
-    classes."""
-    ratio = ramp.length / fixed.length
-    bar = SHORT_RAMP_EPOCHS if fixed.length < SHORT_EPOCHS else RAMP_EPOCHS
+    the same budget (in a run of under `SHORT_EPOCHS`: any more epochs), with the reason; the figures
+    behind both bars are in docs/plan.md."""
+    ratio, short = ramp.length / fixed.length, fixed.length < SHORT_EPOCHS
     fits = (  # the ratio shown rounded down, so that one under a bar never reads as the bar
         f"a ramp from {first} px would fit {format_epochs(ramp.length)} epochs in this budget against "
         f"{format_epochs(fixed.length)} at {final} px ({math.floor(ratio * 100) / 100:.2f}x"
     )
     if ratio >= RAMP_EPOCHS:
         return ramp, f"{fits})"
-    if ratio >= bar:
-        return ramp, (
-            f"{fits}, under {RAMP_EPOCHS}x but at least {bar}x in a run of under {SHORT_EPOCHS} epochs, where each "
-            "epoch more is worth more than the smaller sizes cost)"
-        )
-    return fixed, f"every epoch at {final} px: {fits}, under {bar}x), too few more to make up for its smaller sizes"
+    under = f"{fits}, under {RAMP_EPOCHS}x"
+    if short and ratio > 1:
+        return ramp, f"{under}; a run of under {SHORT_EPOCHS} epochs takes any ramp that fits more)"
+    if short:
+        return fixed, f"every epoch at {final} px: {fits}): no more epochs for its smaller sizes"
+    return fixed, f"every epoch at {final} px: {under}), too few more to make up for its smaller sizes"
 
 
 def hold_reason(hold: BudgetPlan, fixed: BudgetPlan, speeds: Speeds, size: int, final: int) -> str:
@@ -261,24 +259,25 @@ def plan_budget(
     first, why = choose_start(speeds, final, start)
     images = len(datasets.train), len(datasets.val)
 
-    def choose(first: int) -> tuple[BudgetPlan, bool, str | None, float]:  # the plan from `first`: ramped, why
+    def choose(first: int) -> tuple[BudgetPlan, bool, str | None, float, bool]:  # from `first`: ramped, why, short
         measuring = time.perf_counter() - begin if measuring_counts else 0.0
         plan = choose_plan(raw, speeds, budget_s - measuring, final, *images, first)
         if start is not None or first == final:  # the user's --start-size is planned as given
-            return plan, first < final, None, measuring
+            return plan, first < final, None, measuring, plan.length < SHORT_EPOCHS
         fixed = choose_plan(raw, speeds, budget_s - measuring, final, *images, final)
         chosen, fits = choose_ramp(plan, fixed, first, final)
-        return chosen, chosen is plan, fits, measuring
+        return chosen, chosen is plan, fits, measuring, fixed.length < SHORT_EPOCHS
 
-    plan, ramped, fits, measuring = choose(first)
+    plan, ramped, fits, measuring, short = choose(first)
     lines, probe_s, kept = [why, fits] if ramped else [fits or why], 0.0, None
     if start is None and ramped:  # the ramp pays in time: do its sizes keep the classes?
         from pipeline.probe import probe_start
 
         t0 = time.perf_counter()
-        probed, kept = probe_start(measured, datasets, num_classes, device, speeds, sizes, budget_s - measuring)
+        left = 0.0 if short else budget_s - measuring  # a short run cannot spare the probe's tenth
+        probed, kept = probe_start(measured, datasets, num_classes, device, speeds, sizes, left)
         probe_s = time.perf_counter() - t0
-        plan, ramped, fits, measuring = choose(kept)
+        plan, ramped, fits, measuring, _ = choose(kept)
         lines = [why, probed, fits] if kept == first else [probed, fits]  # why it pays, when from the same start
     if start is None and not ramped and plan.length < SHORT_EPOCHS:  # a short run: hold a size, then settle half
         size = final if kept == final else round_size(final * HOLD_RATIO)  # the probe's refusal: no smaller size
