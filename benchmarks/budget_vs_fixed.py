@@ -8,11 +8,12 @@ same speeds; then both are trained, back to back, each re-planned after every ep
 as `run --budget` does (`--no-replan`: as planned at the start). `--anchors ffcv,composer` adds runs of
 those schedules' shapes (benchmarks/progressive_vs_fixed.py's), their epochs chosen the same way to fill
 the same budget; `half` adds the fixed run with half its epochs (not a quarter) given the last stage's keys.
-For each: the epochs, the predicted and the actual wall seconds (measuring included)
-against the budget, the re-plans, and the final top-1.
+`--only planned,composer` trains only those (the others are still planned, as the same budget's). For
+each: the epochs, the predicted and the actual wall seconds (measuring included) against the budget,
+the re-plans, and the final top-1.
 
     python benchmarks/budget_vs_fixed.py [stages.yaml] [--data IMAGEFOLDER_ROOT] [--budgets 1m,2m,4m]
-        [--seed 0] [--start-size N] [--no-replan] [--anchors ffcv,composer] [--set KEY=VALUE]
+        [--seed 0] [--start-size N] [--no-replan] [--anchors ffcv,composer] [--only NAMES] [--set KEY=VALUE]
         [--out runs/budget-vs-fixed]
 """
 
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument(
         "--anchors", default="", help="schedule shapes also run at each budget: ffcv,composer (half: see above)"
     )
+    parser.add_argument("--only", default="", help="run only these of planned, fixed and the anchors (default: all)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/budget-vs-fixed"))
     args = parser.parse_args()
@@ -112,7 +114,10 @@ def main() -> None:
         for name, why in not_run.items():
             print(f"{name} {text}: not run: {why}", flush=True)
             skipped.append({"budget": text, "run": name, "why": why})
+        only = {n.strip() for n in args.only.split(",") if n.strip()}
         for name, plan in {"planned": planned, **runs}.items():
+            if only and name not in only:
+                continue
             plan.raw["run"]["name"] = f"{name}-{text}"
             charged = spent if name == "planned" else measured
             start = time.perf_counter()

@@ -5,11 +5,12 @@ fills the budget: one ramp from half the final size up to it, then a quarter of 
 FILE's last stage's keys (e.g. `mixup: off`), one batch size, one schedule over the run. The ramp is
 planned only where the start size trains at least `RAMP_PAYS` times as fast as the final size here
 and the ramp fits `RAMP_EPOCHS` times the epochs of the final size alone (in a run of under
-`SHORT_EPOCHS`: more at all); else every epoch is at the final size, and a short run holds
-`HOLD_RATIO` of it for about half its epochs, then trains the rest at it with the last stage's keys.
-A short training probe (`pipeline.probe`) chooses a ramp's start: the smallest size that keeps the
-classes; a short run, too short for it, starts where the model's deepest feature map is 2x2. The plan
-says why it chose what it chose, and how large the images are (docs/plan.md).
+`SHORT_EPOCHS`: more at all); else every epoch is at the final size. A short training probe
+(`pipeline.probe`) chooses a ramp's start: the smallest size that keeps the classes. A short run
+holds a size for about half its epochs, then trains the rest at the final size with the last stage's
+keys: where smaller sizes buy epochs, the smallest at which the model's deepest feature map is 2x2
+(no probe: too short for it), else `HOLD_RATIO` of the final size. The plan says why it chose what it
+chose, and how large the images are (docs/plan.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from pipeline.config import STAGE_SIZE_KEYS, Config, parse_config
@@ -259,38 +261,36 @@ def plan_budget(
     first, why = choose_start(speeds, final, start)
     images = len(datasets.train), len(datasets.val)
 
-    def choose(first: int) -> tuple[BudgetPlan, bool, str | None, float, bool]:  # from `first`: ramped, why, short
+    def choose(first: int) -> tuple[BudgetPlan, bool, str | None, float, BudgetPlan]:  # from `first`: ramped, why
         measuring = time.perf_counter() - begin if measuring_counts else 0.0
         plan = choose_plan(raw, speeds, budget_s - measuring, final, *images, first)
         if start is not None or first == final:  # the user's --start-size is planned as given
-            return plan, first < final, None, measuring, plan.length < SHORT_EPOCHS
+            return plan, first < final, None, measuring, plan
         fixed = choose_plan(raw, speeds, budget_s - measuring, final, *images, final)
         chosen, fits = choose_ramp(plan, fixed, first, final)
-        return chosen, chosen is plan, fits, measuring, fixed.length < SHORT_EPOCHS
+        return chosen, chosen is plan, fits, measuring, fixed
 
-    plan, ramped, fits, measuring, short = choose(first)
+    plan, ramped, fits, measuring, fixed = choose(first)
+    short = start is None and fixed.length < SHORT_EPOCHS
     lines, probe_s, kept = [why, fits] if ramped else [fits or why], 0.0, None
     if start is None and ramped:  # the ramp pays in time: do its sizes keep the classes?
         from pipeline.probe import probe_start
 
         t0 = time.perf_counter()
-        left = 0.0 if short else budget_s - measuring  # a short run cannot spare the probe's tenth
+        left = 0.0 if short else budget_s - measuring  # a short run cannot spare the probe's tenth: the map decides
         probed, kept = probe_start(measured, datasets, num_classes, device, speeds, sizes, left)
         probe_s = time.perf_counter() - t0
-        plan, ramped, fits, measuring, _ = choose(kept)
-        lines = [why, probed, fits] if kept == first else [probed, fits]  # why it pays, when from the same start
-    if start is None and not ramped and plan.length < SHORT_EPOCHS:  # a short run: hold a size, then settle half
-        size = final if kept == final else round_size(final * HOLD_RATIO)  # the probe's refusal: no smaller size
-        held = choose_plan(
-            raw,
-            speeds,
-            budget_s - measuring,
-            final,
-            *images,
-            shape=lambda epochs: policy_stages(raw, epochs, final, size, hold=True),
-        )
+        if short:  # it holds that start
+            lines = [probed.replace("a ramp from ", "from ", 1)]
+        else:
+            plan, ramped, fits, measuring, fixed = choose(kept)
+            lines = [why, probed, fits] if kept == first else [probed, fits]  # why it pays, when from the same start
+    if short:  # hold the start where smaller sizes buy epochs (else `HOLD_RATIO`), then settle half
+        size = kept if kept is not None else round_size(final * HOLD_RATIO)  # the final size where no map is 2x2
+        shape = partial(policy_stages, raw, final=final, start=size, hold=True)  # of `epochs` epochs
+        held = choose_plan(raw, speeds, budget_s - measuring, final, *images, shape=shape)
         no_ramp = [line.replace(f"every epoch at {final} px: ", "no ramp: ", 1) for line in lines if line]
-        plan, lines = held, [*no_ramp, hold_reason(held, plan, speeds, size, final)]
+        plan, lines = held, [*no_ramp, hold_reason(held, fixed, speeds, size, final)]
     reasons = tuple(r for r in (*lines, native_note(native_size(datasets.train.samples), final)) if r)
     if measuring_counts:  # the choosing took time too: the plan gives it back (twice it: the trim's time as well)
         choosing = time.perf_counter() - begin - measuring

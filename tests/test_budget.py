@@ -130,27 +130,28 @@ def test_a_ramp_is_planned_only_where_it_buys_enough_more_epochs(tiny_config):
     )
 
 
-def test_a_short_run_takes_a_ramp_that_buys_fewer_more_epochs(tiny_config):
+def test_a_short_run_takes_any_ramp_that_fits_more_epochs(tiny_config):
     raw = raw_config(tiny_config)
     plan = choose_plan(raw, SPEEDS, 200.0, 64, 1000, 200, 32)
 
     def of(length):  # a plan of that many epochs (the bar reads only the lengths)
         return dataclasses.replace(plan, epochs=int(length), extra=round(length % 1, 3))
 
-    fixed = of(5.0)  # under SHORT_EPOCHS at the final size: each epoch more is worth most
-    chosen, why = choose_ramp(of(6.5), fixed, 32, 64)  # 1.3x: under RAMP_EPOCHS, over SHORT_RAMP_EPOCHS
-    assert chosen.length == 6.5
-    assert why == (
-        f"a ramp from 32 px would fit {format_epochs(6.5)} epochs in this budget against 5 at 64 px (1.30x, under "
-        "1.35x but at least 1.2x in a run of under 8 epochs, where each epoch more is worth more than the smaller "
-        "sizes cost)"
+    fixed = of(5.0)  # under SHORT_EPOCHS at the final size
+    for length, shown_as in [(6.5, "1.30x"), (5.5, "1.10x"), (5.02, "1.00x")]:  # any more epochs: the ramp
+        chosen, why = choose_ramp(of(length), fixed, 32, 64)
+        assert chosen.length == length
+        assert why == (
+            f"a ramp from 32 px would fit {format_epochs(length)} epochs in this budget against 5 at 64 px "
+            f"({shown_as}, under 1.35x; a run of under 8 epochs takes any ramp that fits more)"
+        )
+    chosen, why = choose_ramp(of(5.0), fixed, 32, 64)  # as many: the ramp's epochs were all at the final size
+    assert chosen is fixed and why == (
+        "every epoch at 64 px: a ramp from 32 px would fit 5 epochs in this budget against 5 at 64 px (1.00x): no "
+        "more epochs for its smaller sizes"
     )
-    chosen, why = choose_ramp(of(5.5), fixed, 32, 64)  # 1.1x: too few more even in a short run
-    assert chosen is fixed and "(1.10x, under 1.2x)" in why
-    chosen, why = choose_ramp(of(5.98), fixed, 32, 64)  # 1.196x: shown rounded down, never as the bar itself
-    assert chosen is fixed and "(1.19x, under 1.2x)" in why
     chosen, why = choose_ramp(of(10.4), of(8.0), 32, 64)  # 1.3x of 8 epochs: not a short run
-    assert chosen.length == 8.0 and "(1.30x, under 1.35x)" in why
+    assert chosen.length == 8.0 and "(1.30x, under 1.35x), too few more" in why
 
 
 def test_the_plan_reads_the_training_images_size(tiny_data):

@@ -159,11 +159,12 @@ def test_a_budget_too_short_to_probe_starts_where_the_deepest_feature_map_is_2x2
     assert probe.feature_sides(vit, 3, [64]) == {64: None}  # tokens, no map: nothing to read
 
 
-def test_a_short_run_whose_probe_refuses_smaller_sizes_settles_half_at_the_final_size(tiny_config, monkeypatch):
+def test_a_short_run_with_no_smaller_start_settles_half_at_the_final_size(tiny_config, monkeypatch):
     steep = Speeds({32: 3200.0, 48: 1600.0, 64: 200.0}, FAST.val, 0.0, 0.0, 0.0)  # a ramp pays in time
     monkeypatch.setattr(budget, "measure_speeds", lambda *args, **kwargs: steep)
     refused = "every epoch at 64 px: smaller sizes lose the classes here (made up)"
-    monkeypatch.setattr(probe, "probe_start", lambda *args: (refused, 64))
+    lefts = []
+    monkeypatch.setattr(probe, "probe_start", lambda *args: lefts.append(args[-1]) or (refused, 64))
     plan, _ = budget.plan_budget(raw_config(tiny_config), 1.1, 64, log=lambda *args: None)  # 5 epochs at 64 px
     stages = plan.raw["stages"]
     assert [s["img_size"] for s in stages] == [64, 64] and stages[-1]["mixup"] == "off"  # no size under 64 px
@@ -173,3 +174,18 @@ def test_a_short_run_whose_probe_refuses_smaller_sizes_settles_half_at_the_final
         f": {stages[0]['epochs']} at 64 px, then the rest with the last stage's keys, "
         f"{budget.format_epochs(plan.length)} epochs in all"
     )
+    assert lefts == [0.0]  # a short run leaves the probe no time
+
+
+def test_a_short_run_starts_where_the_feature_map_is_2x2_without_the_probe(tiny_config, monkeypatch):
+    steep = Speeds({32: 3200.0, 48: 1600.0, 64: 200.0}, FAST.val, 0.0, 0.0, 0.0)  # a ramp pays in time
+    monkeypatch.setattr(probe, "MIN_IMAGES", 1)  # a tenth of 1.1 s would pay for a probe on 4 images
+    assert probe.probe_images(0.11, sum(1 / images_s for images_s in steep.train.values()), 40) == 4
+    plan, calls = _plan(tiny_config, monkeypatch, 1.1, {32: 80.0, 48: 79.0, 64: 79.5}, speeds=steep)
+    assert calls == []  # a short run (5.37 epochs fit at 64 px): no probe training
+    assert plan.raw["stages"][0]["img_size"] == [48, 64] and plan.raw["stages"][-1]["img_size"] == 64
+    assert plan.reasons[0] == (
+        "a ramp from 48 px: the budget is too short to probe whether smaller sizes keep the classes, so it "
+        "starts at the smallest size where test_resnet's deepest feature map is 2x2 or wider (2x2; 1x1 at 32 px)"
+    )
+    assert plan.reasons[1] == "a ramp from 48 px would fit 8 epochs in this budget against 5.37 at 64 px (1.48x)"
