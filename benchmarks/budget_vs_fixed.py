@@ -96,6 +96,10 @@ def main() -> None:
     for name in anchors:
         if name not in ("ffcv", "composer", "half"):
             parser.error(f"--anchors: unknown shape {name!r} (known: ffcv, composer, half)")  # exit 2
+    only = {n.strip() for n in args.only.split(",") if n.strip()}
+    unknown = only - {"planned", "fixed", *anchors}
+    if unknown:
+        parser.error(f"--only: not among planned, fixed and --anchors: {', '.join(sorted(unknown))}")  # exit 2
     rows, skipped, speeds = [], [], None
     for text in args.budgets.split(","):
         budget = parse_duration(text)
@@ -114,7 +118,6 @@ def main() -> None:
         for name, why in not_run.items():
             print(f"{name} {text}: not run: {why}", flush=True)
             skipped.append({"budget": text, "run": name, "why": why})
-        only = {n.strip() for n in args.only.split(",") if n.strip()}
         for name, plan in {"planned": planned, **runs}.items():
             if only and name not in only:
                 continue

@@ -43,7 +43,7 @@ RAMP_PAYS = 1.3  # a ramp is planned only when its start trains at least this mu
 RAMP_EPOCHS = 1.35  # ... and when it fits at least this many times the epochs of the final size alone,
 SHORT_EPOCHS = 8  # or, in a run that fits fewer epochs than this at the final size (a short one), more at all
 SETTLE_SHARE = 0.25  # the share of the epochs trained at the final size, after the ramp
-HOLD_RATIO = 0.83  # a short run that takes no ramp trains at this share of the final size first (FFCV's 160 of 192 px)
+HOLD_RATIO = 0.83  # a short run whose smaller sizes buy no epochs first trains this share of the final size (FFCV's)
 HOLD_SETTLE_SHARE = 0.5  # ... and this share of its epochs at the final size, with the last stage's keys
 MAX_EPOCHS = 10_000
 
@@ -127,25 +127,23 @@ class BudgetPlan:
 
 def choose_ramp(ramp: BudgetPlan, fixed: BudgetPlan, first: int, final: int) -> tuple[BudgetPlan, str]:
     """The ramp, or the final size alone where the ramp does not buy `RAMP_EPOCHS` times its epochs in
-    the same budget (in a run of under `SHORT_EPOCHS`: any more epochs), with the reason; the figures
-    behind both bars are in docs/plan.md."""
+    the same budget (in a run of under `SHORT_EPOCHS`: any more epochs, and `plan_budget` holds its start
+    instead), with the reason; the figures behind both bars are in docs/plan.md."""
     ratio, short = ramp.length / fixed.length, fixed.length < SHORT_EPOCHS
     fits = (  # the ratio shown rounded down, so that one under a bar never reads as the bar
         f"a ramp from {first} px would fit {format_epochs(ramp.length)} epochs in this budget against "
         f"{format_epochs(fixed.length)} at {final} px ({math.floor(ratio * 100) / 100:.2f}x"
     )
-    if ratio >= RAMP_EPOCHS:
+    if ratio >= RAMP_EPOCHS or (short and ratio > 1):
         return ramp, f"{fits})"
-    under = f"{fits}, under {RAMP_EPOCHS}x"
-    if short and ratio > 1:
-        return ramp, f"{under}; a run of under {SHORT_EPOCHS} epochs takes any ramp that fits more)"
     if short:
         return fixed, f"every epoch at {final} px: {fits}): no more epochs for its smaller sizes"
-    return fixed, f"every epoch at {final} px: {under}), too few more to make up for its smaller sizes"
+    too_few = "too few more to make up for its smaller sizes"
+    return fixed, f"every epoch at {final} px: {fits}, under {RAMP_EPOCHS}x), {too_few}"
 
 
 def hold_reason(hold: BudgetPlan, fixed: BudgetPlan, speeds: Speeds, size: int, final: int) -> str:
-    """Why a short run holds `size` px first (the final size where the probe refused smaller ones), and
+    """Why a short run holds `size` px first (the final size where no smaller one has a 2x2 map), and
     then trains half its epochs with the last stage's keys: the epochs that fit each way, and the speed."""
     short = f"a short run ({format_epochs(fixed.length)} epochs fit at {final} px, under {SHORT_EPOCHS}): "
     end = f" with the last stage's keys, {format_epochs(hold.length)} epochs in all"

@@ -125,6 +125,8 @@ def test_budget_vs_fixed(tiny_config, write_yaml, tmp_path):
     assert "| 10s | planned |" in text
     assert planned["reasons"] and planned["reasons"][0] in text  # why the planner chose it, said and kept
     assert planned["probe_s"] >= 0 and fixed["probe_s"] == ffcv["probe_s"] == 0  # a probe is the plan's own cost
+    run_script("budget_vs_fixed.py", write_yaml(tiny_config), "--budgets", "5s", "--only", "fixed", "--out", out)
+    assert [r["run"] for r in json.loads((out / "budget_vs_fixed.json").read_text())["rows"]] == ["fixed"]
 
 
 def test_predict_speed(tiny_config, tmp_path):
@@ -291,3 +293,6 @@ def test_budget_vs_fixed_refuses_an_unknown_anchor(tiny_config, write_yaml):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--anchors: unknown shape 'fastai'" in proc.stderr
+    cmd[-2:] = ["--anchors", "ffcv", "--only", "planned,composer"]  # composer is not among the runs
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--only: not among planned, fixed and --anchors: composer" in proc.stderr

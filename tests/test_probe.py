@@ -14,6 +14,7 @@ from pipeline.config import parse_config
 from pipeline.data import scan_datasets
 from pipeline.probe import ProbeResult, probe_images, probe_sizes
 from pipeline.speeds import Speeds
+from pipeline.train.plan import format_epochs
 from tests.test_budget import raw_config
 
 # speeds where a ramp pays in time: a step costs by the pixels, nothing else costs anything
@@ -172,20 +173,25 @@ def test_a_short_run_with_no_smaller_start_settles_half_at_the_final_size(tiny_c
     assert plan.reasons[0] == "no ramp: smaller sizes lose the classes here (made up)"
     assert plan.reasons[1].startswith("a short run (") and plan.reasons[1].endswith(
         f": {stages[0]['epochs']} at 64 px, then the rest with the last stage's keys, "
-        f"{budget.format_epochs(plan.length)} epochs in all"
+        f"{format_epochs(plan.length)} epochs in all"
     )
     assert lefts == [0.0]  # a short run leaves the probe no time
 
 
-def test_a_short_run_starts_where_the_feature_map_is_2x2_without_the_probe(tiny_config, monkeypatch):
+def test_a_short_run_holds_the_size_where_the_feature_map_is_2x2_without_the_probe(tiny_config, monkeypatch):
     steep = Speeds({32: 3200.0, 48: 1600.0, 64: 200.0}, FAST.val, 0.0, 0.0, 0.0)  # a ramp pays in time
     monkeypatch.setattr(probe, "MIN_IMAGES", 1)  # a tenth of 1.1 s would pay for a probe on 4 images
     assert probe.probe_images(0.11, sum(1 / images_s for images_s in steep.train.values()), 40) == 4
     plan, calls = _plan(tiny_config, monkeypatch, 1.1, {32: 80.0, 48: 79.0, 64: 79.5}, speeds=steep)
     assert calls == []  # a short run (5.37 epochs fit at 64 px): no probe training
-    assert plan.raw["stages"][0]["img_size"] == [48, 64] and plan.raw["stages"][-1]["img_size"] == 64
+    stages = plan.raw["stages"]
+    assert [s["img_size"] for s in stages] == [48, 64] and stages[0]["lr"] == 0.2 and stages[1]["mixup"] == "off"
+    assert 1 <= stages[0]["epochs"] <= stages[1]["epochs"] and plan.seconds <= 1.1
     assert plan.reasons[0] == (
-        "a ramp from 48 px: the budget is too short to probe whether smaller sizes keep the classes, so it "
+        "from 48 px: the budget is too short to probe whether smaller sizes keep the classes, so it "
         "starts at the smallest size where test_resnet's deepest feature map is 2x2 or wider (2x2; 1x1 at 32 px)"
     )
-    assert plan.reasons[1] == "a ramp from 48 px would fit 8 epochs in this budget against 5.37 at 64 px (1.48x)"
+    assert plan.reasons[1] == (
+        f"a short run (5.37 epochs fit at 64 px, under 8): {stages[0]['epochs']} at 48 px (8.00x the images/s of "
+        f"64 px here), then the rest at 64 px with the last stage's keys, {format_epochs(plan.length)} epochs in all"
+    )
